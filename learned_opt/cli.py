@@ -16,6 +16,10 @@ from learned_opt.errors import UserError
 # name -> (module, one-line help). Keep in the order a user meets them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tasks.train_cli", "train a task with a standard optax optimizer (baseline curves)"),
+    "meta-train": (
+        "outer_train.meta_train_cli", "meta-train a learned optimizer from a TOML config"
+    ),
+    "eval": ("outer_train.eval_cli", "evaluate a saved learned optimizer against tuned Adam"),
 }
 
 

@@ -20,23 +20,36 @@ Metrics = dict[str, jax.Array]
 class InnerProblem(Protocol):
     """One iterated system s_{t+1} = f(s_t, theta) with a per-step meta-loss l_t.
 
-    ``init(key)`` starts a fresh inner problem (new task sample, params and optimizer state).
-    ``step(theta, state, key)`` advances one inner step and returns ``(new_state, loss)`` where
-    ``loss`` is the (normalized) scalar meta-loss contribution of that step. Both are pure and
-    vmappable; the key decides the step's data.
+    ``init(theta, key)`` starts a fresh inner problem (new params and optimizer state; the key
+    decides the sample). It takes theta because an optimizer's state is built by
+    ``opt_fn(theta).init(params)``; gradients flow through it. ``step(theta, state, key)``
+    advances one inner step and returns ``(new_state, loss)`` where ``loss`` is the scalar
+    (normalized) meta-loss contribution of that step: NaN, never a clipped or zeroed value, when
+    the step diverged. Both are pure, written for ONE particle (the engine vmaps them), and the
+    key decides the step's data. Implementations are pytrees (``flax.struct.dataclass``) whose
+    data arrays are leaves, so they are passed to jitted functions as arguments.
     """
 
-    def init(self, key: PRNGKey) -> InnerState: ...
+    def init(self, theta: Theta, key: PRNGKey) -> InnerState: ...
 
-    def step(self, theta: Theta, state: InnerState, key: PRNGKey) -> tuple[InnerState, jax.Array]: ...
+    def step(
+        self, theta: Theta, state: InnerState, key: PRNGKey
+    ) -> tuple[InnerState, jax.Array]: ...
 
 
 class GradientEstimator(Protocol):
     """Estimates d/dtheta of the meta-loss. Pure: calling ``estimate`` R times with R keys at the
     same (theta, state) gives R independent draws (the variance diagnostics rely on this).
 
-    ``estimate`` returns ``(meta_grad, new_state, metrics)``; ``meta_grad`` has theta's structure.
+    ``estimate`` returns ``(meta_grad, new_state, metrics)``; ``meta_grad`` has theta's structure;
+    ``metrics`` holds scalar arrays (at least ``meta_loss``, ``num_nonfinite``, ``num_resets``,
+    ``inner_steps``). ``inner_steps_per_estimate`` is the number of particle inner steps one
+    ``estimate`` runs (for inner-steps/s). Estimators are pytrees holding the problem; their
+    knobs are static, so ``jax.jit(type(est).estimate)(est, key, theta, state)`` compiles once.
     """
+
+    @property
+    def inner_steps_per_estimate(self) -> int: ...
 
     def init(self, key: PRNGKey, theta: Theta) -> EstimatorState: ...
 

@@ -1,8 +1,16 @@
-"""Image classification with an MLP: the standard inner task of the project."""
+"""Image classification with an MLP: the standard inner task of the project.
+
+``ImageMLPTask`` is the jit-friendly task (data as pytree leaves, architecture static);
+``ImageMLPConfig`` is its frozen, hashable description, and ``PRESETS`` names the configs used
+across the project. The standard one, ``STANDARD_PRESET`` = ``"digits_mlp"``: digits 8x8,
+MLP 64-32-32-10 (hidden (32, 32)), ReLU, batch 128.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -11,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt.errors import UserError
 from tasks.base import ImageBatch
-from tasks.datasets import ImageData
+from tasks.datasets import ImageData, load_dataset
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -32,7 +41,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[:-3] + (-1,))
+        x = x.reshape((*x.shape[:-3], -1))
         act = ACTIVATIONS[self.activation]
         for width in self.hidden_sizes:
             x = act(nn.Dense(width)(x))
@@ -79,3 +88,75 @@ class ImageMLPTask:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         accuracy = (jnp.argmax(logits, -1) == labels).mean()
         return {"loss": loss, "accuracy": accuracy}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMLPConfig:
+    """What an ``ImageMLPTask`` is, without its data: hashable, so tasks can be grouped by shape.
+
+    ``image_size`` None keeps the dataset's own size (8 for digits, 28 for MNIST).
+    """
+
+    dataset: str = "digits"
+    image_size: int | None = None
+    grayscale: bool = False
+    hidden_sizes: tuple[int, ...] = (32, 32)
+    activation: str = "relu"
+    batch_size: int = 128
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden_sizes", tuple(int(w) for w in self.hidden_sizes))
+        if self.activation not in ACTIVATIONS:
+            raise UserError(
+                f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}"
+            )
+        if any(w < 1 for w in self.hidden_sizes):
+            raise UserError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+
+    @property
+    def name(self) -> str:
+        """E.g. ``digits_mlp32x32_relu_b128`` or ``fashion_mnist8_mlp32x32x32_gelu_b128``."""
+        size = "" if self.image_size is None else str(self.image_size)
+        gray = "_gray" if self.grayscale else ""
+        widths = "x".join(map(str, self.hidden_sizes)) or "linear"
+        return f"{self.dataset}{size}{gray}_mlp{widths}_{self.activation}_b{self.batch_size}"
+
+
+def make_task(config: ImageMLPConfig, *, data_dir: str | os.PathLike | None = None) -> ImageMLPTask:
+    """Build the task of ``config``; its dataset is loaded once per process and reused."""
+    data = load_dataset(
+        config.dataset, image_size=config.image_size, grayscale=config.grayscale,
+        data_dir=data_dir,
+    )
+    return ImageMLPTask(
+        data,
+        hidden_sizes=config.hidden_sizes,
+        activation=config.activation,
+        batch_size=config.batch_size,
+        name=config.name,
+    )
+
+
+STANDARD_PRESET = "digits_mlp"
+PRESETS: dict[str, ImageMLPConfig] = {
+    # The project's standard task: digits 8x8, MLP 64-32-32-10, ReLU, batch 128.
+    "digits_mlp": ImageMLPConfig(),
+    "digits_mlp_tanh": ImageMLPConfig(activation="tanh"),
+    "digits_mlp_wide": ImageMLPConfig(hidden_sizes=(128, 128)),
+    # Metz et al. 2021, Fig. 3: a 32-32-10 ReLU MLP on MNIST (28x28).
+    "mnist_mlp": ImageMLPConfig(dataset="mnist"),
+    "mnist8_mlp": ImageMLPConfig(dataset="mnist", image_size=8),
+    # The noise-reuse ES paper's task: Fashion-MNIST 8x8, 32-32-32 GELU MLP.
+    "fashion_mnist8_mlp_gelu": ImageMLPConfig(
+        dataset="fashion_mnist", image_size=8, hidden_sizes=(32, 32, 32), activation="gelu"
+    ),
+}
+
+
+def preset(name: str, *, data_dir: str | os.PathLike | None = None) -> ImageMLPTask:
+    """The task of preset ``name`` (see ``PRESETS``), with its data loaded from ``data_dir``."""
+    if name not in PRESETS:
+        raise UserError(f"unknown task preset {name!r}; available: {', '.join(PRESETS)}")
+    return make_task(PRESETS[name], data_dir=data_dir)

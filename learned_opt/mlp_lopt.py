@@ -1,0 +1,281 @@
+"""MLPLOpt: the per-parameter MLP learned optimizer (Metz et al. 2019/2022; 2021 Fig. 3).
+
+For every scalar parameter p of the inner model, at inner step t (counted from 0):
+
+    m_i      <- decay_i * m_i + (1 - decay_i) * g                  (momenta, i = 1..D)
+    x        =  [g, p, m_1, ..., m_D]                              (F per-parameter features)
+    x_f      <- x_f / sqrt(mean_{tensor of p}(x_f ** 2) + 1e-5)    (per-tensor 2nd moment)
+    s        =  [tanh(t / tau - 1) for tau in time_scales]         (S shared time features)
+    d, m     =  MLP([x, s])                                        (ReLU MLP, 2 outputs)
+    update   =  -d * exp(m * exp_mult) * step_mult                 (exp_mult = step_mult = 1e-3)
+
+Defaults are the reference architecture: D = 6 decays (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999),
+S = 11 time scales (1, 3, 10, ..., 1e5), 19 inputs, hidden (32, 32), 2 outputs: 1762
+meta-parameters (19*32+32 + 32*32+32 + 32*2+2).
+
+How it is made fast (it runs millions of times inside meta-training, vmapped over particles):
+  * All parameter tensors are ONE flat [P_total] vector (``features.FlatLayout``); the MLP is one
+    chain over [P_total, ...] matrices, not one per leaf.
+  * Time features are the same for every parameter, so their first-layer contribution
+    ``s @ W0[F:] + b0`` is a [H0] bias computed once per step (hoisted).
+  * The per-tensor normalization is folded into the first layer's weights: for tensor l,
+    ``x_l / r_l @ W0[:F] = x_l @ (W0[:F] / r_l[:, None])``, a [F, H0] matrix per tensor. With
+    F = 8 the first layer is F fused multiply-adds per hidden unit, which XLA fuses with the
+    bias and ReLU into one pass (a K=8 matmul would be memory bound and unfused).
+  * Momenta live in one float32 [P_total, D] array updated by one fused elementwise op.
+  FLOPs per parameter per step (``flops_per_param()``): 2,857 with the defaults -- momenta 18,
+  second moments 16, first layer 2*8*32 + 64 (bias, ReLU), second 2*32*32 + 64, output
+  2*32*2 + 2, final update 5. Without hoisting the first layer would cost 2*19*32 (+704).
+
+Initialization (``init``): LeCun-normal hidden layers, zero biases, output weights scaled by
+``init_output_scale`` (1e-2), plus one planted path that makes the fresh optimizer a small-step
+descent method: two hidden units per layer carry +x and -x of one normalized input (the
+momentum whose decay is closest to 0.9, else the gradient), and since relu(x) - relu(-x) = x,
+the direction output is ``d ~= init_descent_gain * x`` (update ~ -1e-3 * normalized momentum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from learned_opt import features
+from learned_opt.base import Theta
+from learned_opt.errors import UserError
+
+
+class MLPLOptState(NamedTuple):
+    """MLPLOpt's optax state (it never holds the params).
+
+    momenta: float32 [P_total, num_decays], row p = momenta of flat parameter p
+      (params flattened in ``jax.tree`` order, see ``features.FlatLayout``).
+    step: int32 [], number of updates applied so far (the t of the time features).
+    """
+
+    momenta: jax.Array
+    step: jax.Array
+
+
+class HoistedDense(nn.Module):
+    """First layer over [per-parameter features, shared features] -> [P_total, features].
+
+    Parameters are those of a Dense layer on the concatenated input: kernel [F + S, H],
+    bias [H]. Inputs: ``blocks`` (one [n_l, F] block of raw features per tensor l), ``scales``
+    [L, F] (the per-tensor normalizers) and ``shared`` [S] (features common to all
+    parameters). Output row p equals ``concat(x_p * scale, shared) @ kernel + bias``.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(
+        self, blocks: Sequence[jax.Array], scales: jax.Array, shared: jax.Array
+    ) -> jax.Array:
+        num_param_features = blocks[0].shape[1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(),
+            (num_param_features + shared.shape[0], self.features), jnp.float32,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        shared_bias = shared @ kernel[num_param_features:] + bias  # [H], once per step
+        param_kernel = kernel[:num_param_features]
+        out = []
+        for block, scale in zip(blocks, scales, strict=True):
+            w = scale[:, None] * param_kernel  # normalization folded into this tensor's weights
+            h = shared_bias
+            for f in range(num_param_features):  # F FMAs per unit; fuses with bias and ReLU
+                h = h + block[:, f : f + 1] * w[f]
+            out.append(h)
+        return jnp.concatenate(out) if len(out) > 1 else out[0]
+
+
+class PerParamMLP(nn.Module):
+    """The per-parameter MLP: ReLU hidden layers, outputs [P_total, 2] = (direction, magnitude)."""
+
+    hidden_sizes: tuple[int, ...]
+    output_init_scale: float
+
+    @nn.compact
+    def __call__(
+        self, blocks: Sequence[jax.Array], scales: jax.Array, shared: jax.Array
+    ) -> jax.Array:
+        h = nn.relu(HoistedDense(self.hidden_sizes[0], name="hidden_0")(blocks, scales, shared))
+        for i, width in enumerate(self.hidden_sizes[1:], start=1):
+            h = nn.relu(nn.Dense(width, name=f"hidden_{i}")(h))
+        output_init = nn.initializers.variance_scaling(
+            self.output_init_scale**2, "fan_in", "truncated_normal"
+        )
+        return nn.Dense(2, kernel_init=output_init, name="output")(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPLOpt:
+    """Per-parameter MLP learned optimizer (see the module docstring for the math and cost).
+
+    Static configuration only; ``theta`` (from ``init``) is the flax params dict
+    ``{"hidden_0": {"kernel": [F+S, H0], "bias": [H0]}, "hidden_1": ..., "output": ...}``.
+
+    hidden_sizes: widths of the ReLU hidden layers (at least one, each >= 2).
+    decays: momentum decays in [0, 1); one momentum feature each.
+    time_scales: tau > 0 of the time features tanh(t / tau - 1).
+    use_params: include the parameter value as a feature.
+    step_mult, exp_mult: update = -d * exp(m * exp_mult) * step_mult.
+    norm_eps: eps in x / sqrt(mean(x^2) + eps).
+    init_descent_gain, init_output_scale: initialization only (see module docstring).
+    """
+
+    hidden_sizes: tuple[int, ...] = (32, 32)
+    decays: tuple[float, ...] = features.DEFAULT_DECAYS
+    time_scales: tuple[float, ...] = features.DEFAULT_TIME_SCALES
+    use_params: bool = True
+    step_mult: float = 1e-3
+    exp_mult: float = 1e-3
+    norm_eps: float = 1e-5
+    init_descent_gain: float = 1.0
+    init_output_scale: float = 1e-2
+
+    name: ClassVar[str] = "mlp_lopt"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        try:
+            set_("hidden_sizes", tuple(int(w) for w in self.hidden_sizes))
+            set_("decays", tuple(float(d) for d in self.decays))
+            set_("time_scales", tuple(float(t) for t in self.time_scales))
+            for k in ("step_mult", "exp_mult", "norm_eps", "init_descent_gain",
+                      "init_output_scale"):
+                set_(k, float(getattr(self, k)))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"MLPLOpt: bad config value ({e})") from None
+        if not isinstance(self.use_params, bool):
+            raise UserError(f"MLPLOpt.use_params must be true or false, got {self.use_params!r}")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 2:
+            raise UserError(
+                f"MLPLOpt.hidden_sizes must list at least one width, each >= 2; "
+                f"got {self.hidden_sizes}"
+            )
+        if any(not 0.0 <= d < 1.0 for d in self.decays):
+            raise UserError(f"MLPLOpt.decays must lie in [0, 1); got {self.decays}")
+        if any(not t > 0 for t in self.time_scales):
+            raise UserError(f"MLPLOpt.time_scales must be > 0; got {self.time_scales}")
+        for k in ("step_mult", "exp_mult", "norm_eps"):
+            if not getattr(self, k) > 0:
+                raise UserError(f"MLPLOpt.{k} must be > 0; got {getattr(self, k)}")
+
+    # -- architecture ---------------------------------------------------------------------
+
+    @property
+    def num_param_features(self) -> int:
+        """F: gradient, (parameter), one momentum per decay."""
+        return 1 + int(self.use_params) + len(self.decays)
+
+    @property
+    def num_inputs(self) -> int:
+        """F + S: the MLP's input width (19 for the reference architecture)."""
+        return self.num_param_features + len(self.time_scales)
+
+    def flops_per_param(self) -> int:
+        """FLOPs per parameter per update (multiply-add = 2; exp, rsqrt counted as 1)."""
+        f, h = self.num_param_features, self.hidden_sizes
+        flops = 3 * len(self.decays) + 2 * f  # momenta; second-moment sums
+        flops += 2 * f * h[0] + 2 * h[0]  # first layer FMAs (normalizer folded in), bias, ReLU
+        for a, b in itertools.pairwise(h):
+            flops += 2 * a * b + 2 * b
+        return flops + 2 * h[-1] * 2 + 2 + 5  # output layer; d * exp(m * c) * c, negate
+
+    def _module(self) -> PerParamMLP:
+        return PerParamMLP(self.hidden_sizes, self.init_output_scale)
+
+    def _descent_input(self) -> int:
+        """Index of the input that the planted descent path reads (see module docstring)."""
+        if not self.decays:
+            return 0
+        closest = int(np.argmin(np.abs(np.asarray(self.decays) - 0.9)))
+        return 1 + int(self.use_params) + closest
+
+    # -- LearnedOptimizer protocol -----------------------------------------------------------
+
+    def init(self, key: jax.Array) -> Theta:
+        """Fresh meta-parameters: a flax params dict of float32 arrays (deterministic in key)."""
+        f = self.num_param_features
+        dummy_blocks = [jnp.zeros((1, f), jnp.float32)]
+        theta = self._module().init(
+            key, dummy_blocks, jnp.ones((1, f), jnp.float32),
+            jnp.zeros((len(self.time_scales),), jnp.float32),
+        )["params"]
+        return self._plant_descent_path(theta)
+
+    def _plant_descent_path(self, theta: Theta) -> Theta:
+        theta = jax.tree.map(lambda x: x, theta)  # fresh dicts; leaves are immutable arrays
+        i = self._descent_input()
+        k0 = theta["hidden_0"]["kernel"].at[:, :2].set(0.0)
+        theta["hidden_0"]["kernel"] = k0.at[i, 0].set(1.0).at[i, 1].set(-1.0)
+        for layer in range(1, len(self.hidden_sizes)):
+            k = theta[f"hidden_{layer}"]["kernel"].at[:, :2].set(0.0)
+            theta[f"hidden_{layer}"]["kernel"] = k.at[0, 0].set(1.0).at[1, 1].set(1.0)
+        # hidden biases start at zero (flax default), so the path carries exactly relu(+-x).
+        gain = self.init_descent_gain
+        k_out = theta["output"]["kernel"].at[:2, :].set(0.0)
+        theta["output"]["kernel"] = k_out.at[0, 0].set(gain).at[1, 0].set(-gain)
+        return theta
+
+    def config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def opt_fn(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
+        """The optax transformation of ``theta``; ``update(grads, state, params, *, loss=None)``.
+
+        ``params`` is required when ``use_params`` (the default); ``loss`` is accepted and
+        unused. All leaves must be float32. State: ``MLPLOptState``.
+        """
+        module = self._module()
+        decays = np.asarray(self.decays, np.float32)
+        one_minus_decays = (1.0 - decays).astype(np.float32)
+
+        def init_fn(params: Any) -> MLPLOptState:
+            layout = features.flat_layout(params)
+            return MLPLOptState(
+                momenta=jnp.zeros((layout.total, len(self.decays)), jnp.float32),
+                step=jnp.zeros([], jnp.int32),
+            )
+
+        def update_fn(
+            grads: Any, state: MLPLOptState, params: Any = None, *, loss: Any = None,
+            **extra_args: Any,
+        ) -> tuple[Any, MLPLOptState]:
+            del loss, extra_args  # part of the protocol; this architecture does not read them
+            layout = features.flat_layout(grads, what="grads")
+            if state.momenta.shape != (layout.total, len(self.decays)):
+                raise UserError(
+                    f"MLPLOpt state has momenta of shape {state.momenta.shape} but the grads "
+                    f"have {layout.total} elements; call init(params) with these params"
+                )
+            g = features.flatten(layout, grads)
+            momenta = state.momenta * decays + g[:, None] * one_minus_decays  # [P, D]
+            columns = [g[:, None]]
+            if self.use_params:
+                if params is None:
+                    raise UserError(
+                        "MLPLOpt reads the parameter values: call update(grads, state, params)"
+                    )
+                features.check_same_layout(layout, params, "params")
+                columns.append(features.flatten(layout, params)[:, None])
+            columns.append(momenta)
+            x = jnp.concatenate(columns, axis=1)  # [P, F]
+            scales = features.segment_rms_scale(layout, x, self.norm_eps)  # [L, F]
+            shared = features.time_features(state.step, self.time_scales)  # [S]
+            out = module.apply({"params": theta}, features.segments(layout, x), scales, shared)
+            direction, magnitude = out[:, 0], out[:, 1]
+            step = direction * jnp.exp(magnitude * self.exp_mult) * self.step_mult
+            # int32 step: overflows after 2**31 updates, far beyond any horizon here.
+            return features.unflatten(layout, -step), MLPLOptState(momenta, state.step + 1)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

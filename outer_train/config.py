@@ -1,0 +1,500 @@
+"""Meta-training configuration: typed, frozen dataclasses loaded from TOML (configs/*.toml).
+
+A config file has one table per section (``[task]``, ``[lopt]``, ``[estimator]``,
+``[meta_opt]``, ``[run]``, ``[eval]``, ``[checkpoint]``); every key is optional and falls back
+to the dataclass default, so the defaults below ARE the default config (configs/default.toml is
+a copy of them; a test checks they agree). Loading validates everything before any compute: an
+unknown key, a wrong type or an out-of-range value raises ``UserError`` naming the key and what
+is allowed.
+
+Overrides from the command line (``--set section.key=value``) are parsed as TOML values, so
+``--set estimator.sigma=0.003`` and ``--set task.hidden_sizes=[16,16]`` work; a bare word that is
+not valid TOML (``--set estimator.name=pes``) is taken as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from learned_opt.errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Field helpers: a default plus the allowed range, kept in the field's metadata.
+
+
+def _field(default: Any, *, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with an allowed interval [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    return dataclasses.field(
+        default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The sections. Defaults = the README's main job (configs/default.toml).
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The inner problem: one image-MLP task (``kind = "single"``) or a task family.
+
+    ``single``: ``tasks.image_mlp.ImageMLPConfig`` from ``dataset``, ``image_size`` (0 = the
+    dataset's own), ``grayscale``, ``hidden_sizes``, ``activation``, ``batch_size``; held-out
+    evaluation trains the same task from seeds never used for meta-training.
+    ``family``: the ``[family]`` section decides the variants; these architecture keys are then
+    not used (only ``dataset``, ``image_size`` and ``grayscale``).
+    """
+
+    kind: Literal["single", "family"] = "single"
+    dataset: str = "digits"
+    image_size: Literal[0, 8, 16, 28, 32] = 0
+    grayscale: bool = False
+    hidden_sizes: tuple[int, ...] = (32, 32)
+    activation: Literal["relu", "gelu", "tanh", "swish", "elu"] = "relu"
+    batch_size: int = _field(128, lo=1, hi=65536)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyConfig:
+    """``tasks.family.ImageMLPFamily`` (used when ``task.kind = "family"``).
+
+    ``num_train_tasks`` variants are sampled on the host at start (one estimator per variant,
+    meta-gradients averaged with equal weights); held-out variants (``heldout_pairs`` of
+    [width, activation]) are never trained on and are used for evaluation.
+    """
+
+    widths: tuple[int, ...] = (16, 32, 64)
+    depths: tuple[int, ...] = (1, 2, 3)
+    activations: tuple[Literal["relu", "gelu", "tanh", "swish", "elu"], ...] = (
+        "relu", "gelu", "tanh", "swish",
+    )
+    batch_sizes: tuple[int, ...] = (64, 128)
+    heldout_pairs: tuple[tuple[int, str], ...] = ((16, "gelu"), (32, "tanh"), (64, "swish"))
+    num_train_tasks: int = _field(4, lo=1, hi=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LOptConfig:
+    """The learned optimizer (``learned_opt``): ``mlp`` is the per-parameter MLP (MLPLOpt);
+    ``sgd``/``momentum``/``adam`` are the hyperparameter learned optimizers (LearnedSGD, ...).
+    ``hidden_sizes`` applies to ``mlp`` only."""
+
+    name: Literal["mlp", "sgd", "momentum", "adam"] = "mlp"
+    hidden_sizes: tuple[int, ...] = (32, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemConfig:
+    """The meta-objective (``outer_train.problem.LearnedOptProblem``): per-step meta-loss on
+    the ``train`` batch or a fresh ``valid`` batch, transformed by ``loss_transform``
+    (``tasks.meta_loss.LOSS_TRANSFORMS``) with clip value ``loss_clip`` (0 = the task's
+    1.5 log(num_classes))."""
+
+    meta_loss: Literal["train", "valid"] = "train"
+    loss_transform: Literal["none", "clip", "log", "normalized"] = "clip"
+    loss_clip: float = _field(0.0, lo=0.0, hi=1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """The outer-gradient estimator (``outer_train.estimators.ESTIMATORS``) and its knobs.
+
+    Each estimator has a subset of these knobs (``estimator_knobs(name)``); setting a knob the
+    chosen estimator does not have is an error. ``segment_length = 0`` means None
+    (full_bptt: no rematerialization segments).
+    """
+
+    name: Literal["full_bptt", "tbptt", "es", "truncated_es", "pes", "nres", "hybrid"] = "pes"
+    num_tasks: int = _field(8, lo=1, hi=4096, doc="inner problems (groups) per estimate")
+    num_perturbations: int = _field(1, lo=1, hi=4096, doc="antithetic pairs per task")
+    trunc_length: int = _field(10, lo=1, hi=100_000, doc="inner steps K per outer step")
+    horizon: int = _field(200, lo=1, hi=1_000_000, doc="inner steps T per inner problem")
+    sigma: float = _field(0.01, lo=0.0, hi=10.0, doc="ES noise scale")
+    loss_shaping: Literal["none", "sign", "clip"] = "none"
+    shaping_scale: float = _field(1.0, lo=0.0, hi=1e9, lo_open=True)
+    staggered: bool = True
+    segment_length: int = _field(0, lo=0, hi=1_000_000)
+
+    def knobs(self) -> dict[str, Any]:
+        """The keyword arguments of ``make_estimator(self.name, problem, **knobs)``."""
+        from outer_train.estimators import estimator_knobs
+
+        values = dataclasses.asdict(self)
+        if values["segment_length"] == 0:
+            values["segment_length"] = None
+        return {k: values[k] for k in estimator_knobs(self.name)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaOptConfig:
+    """The meta-optimizer: ``optax.chain(clip_by_global_norm(clip_norm), <name>(learning_rate))``.
+    ``clip_norm = 0`` disables clipping."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = _field(3e-3, lo=0.0, hi=10.0, lo_open=True)
+    clip_norm: float = _field(1.0, lo=0.0, hi=1e9)
+    b1: float = _field(0.9, lo=0.0, hi=1.0)
+    b2: float = _field(0.999, lo=0.0, hi=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length, seed and logging cadence of the outer loop.
+
+    ``max_skipped_in_a_row``: consecutive non-finite meta-gradients after which the run stops
+    with an error (each one skips its update and is counted; see meta_train)."""
+
+    seed: int = _field(0, lo=0, hi=2**31 - 1)
+    num_outer_steps: int = _field(300, lo=1, hi=10_000_000)
+    log_every: int = _field(10, lo=1, hi=10_000_000)
+    max_skipped_in_a_row: int = _field(20, lo=1, hi=10_000_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: train held-out tasks/seeds with the learned optimizer and with Adam
+    at the best learning rate of ``adam_learning_rates`` (chosen by mean final validation loss
+    on the same held-out tasks, which favours Adam), ``num_inner_steps`` steps each.
+    ``num_inner_steps = 0`` means the estimator's horizon. ``every = 0`` evaluates only at the
+    start and at the end."""
+
+    every: int = _field(100, lo=0, hi=10_000_000)
+    num_seeds: int = _field(4, lo=1, hi=1024)
+    num_heldout_tasks: int = _field(2, lo=1, hi=256)
+    num_inner_steps: int = _field(0, lo=0, hi=1_000_000)
+    curve_every: int = _field(10, lo=1, hi=1_000_000)
+    adam_learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint cadence (outer steps; 0 = only at the end) and how many files are kept."""
+
+    every: int = _field(50, lo=0, hi=10_000_000)
+    keep: int = _field(3, lo=1, hi=1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+    """The whole meta-training job. Sections map one-to-one onto TOML tables."""
+
+    task: TaskConfig = TaskConfig()
+    family: FamilyConfig = FamilyConfig()
+    lopt: LOptConfig = LOptConfig()
+    problem: ProblemConfig = ProblemConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+    meta_opt: MetaOptConfig = MetaOptConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def __post_init__(self):
+        from outer_train.estimators import ESTIMATORS
+
+        try:  # the estimator's own knob checks (e.g. horizon >= trunc_length), no problem needed
+            ESTIMATORS[self.estimator.name](None, **self.estimator.knobs())
+        except UserError as e:
+            raise UserError(f"[estimator] name = {self.estimator.name!r}: {e}") from None
+        if self.task.kind == "family":
+            try:
+                self.make_family()
+            except UserError as e:
+                raise UserError(f"[family] {e}") from None
+        for key, sizes in (("task.hidden_sizes", self.task.hidden_sizes),
+                           ("lopt.hidden_sizes", self.lopt.hidden_sizes)):
+            if not sizes or any(s < 1 or s > 65536 for s in sizes):
+                raise UserError(
+                    f"{key} = {list(sizes)}: expected a non-empty list of integers in "
+                    "[1, 65536], e.g. [32, 32]"
+                )
+        lrs = self.eval.adam_learning_rates
+        if not lrs or any(not (0.0 < lr <= 10.0) for lr in lrs):
+            raise UserError(
+                f"eval.adam_learning_rates = {list(lrs)}: expected a non-empty list of learning "
+                "rates in (0, 10], e.g. [1e-3, 3e-3, 1e-2]"
+            )
+
+    # -- derived --------------------------------------------------------------------------
+
+    def make_family(self):
+        """The ``tasks.family.ImageMLPFamily`` of ``[family]`` (``task.kind = "family"``)."""
+        from tasks.family import ImageMLPFamily
+
+        f, t = self.family, self.task
+        return ImageMLPFamily(
+            datasets=((t.dataset, t.image_size or None),),
+            widths=f.widths,
+            depths=f.depths,
+            activations=f.activations,
+            batch_sizes=f.batch_sizes,
+            heldout_pairs=f.heldout_pairs,
+            grayscale=t.grayscale,
+        )
+
+    def task_config(self):
+        """The ``tasks.image_mlp.ImageMLPConfig`` of ``[task]`` (``task.kind = "single"``)."""
+        from tasks.image_mlp import ImageMLPConfig
+
+        t = self.task
+        return ImageMLPConfig(
+            dataset=t.dataset,
+            image_size=t.image_size or None,
+            grayscale=t.grayscale,
+            hidden_sizes=t.hidden_sizes,
+            activation=t.activation,
+            batch_size=t.batch_size,
+        )
+
+    @property
+    def eval_inner_steps(self) -> int:
+        """Inner steps of each held-out training run (defaults to the meta-training horizon)."""
+        return self.eval.num_inner_steps or self.estimator.horizon
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML/JSON-able data (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def trajectory_hash(self) -> str:
+        """SHA-256 of the sections that decide the meta-training trajectory.
+
+        Run length, evaluation, logging and checkpoint cadence are excluded, so a run can be
+        resumed with more outer steps or a different evaluation schedule and still reproduce
+        the same theta; anything else differing makes a checkpoint incompatible.
+        """
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("task", "family", "lopt", "problem", "estimator", "meta_opt")}
+        keep["seed"] = d["run"]["seed"]
+        keep["max_skipped_in_a_row"] = d["run"]["max_skipped_in_a_row"]
+        blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(MetaTrainConfig)}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: dict (from TOML) -> typed dataclass, or UserError naming the key.
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_describe(args[0])})"
+        return "a list [" + ", ".join(_describe(a) for a in args) + "]"
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it in the field's Python type."""
+    origin = typing.get_origin(tp)
+    bad = UserError(f"{key} = {value!r}: expected {_describe(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise bad
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise bad
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise UserError(f"[{key}] must be a table of keys, got {value!r}")
+        return _from_mapping(tp, value, key)
+    if isinstance(tp, types.UnionType):  # pragma: no cover - no unions in the config today
+        raise TypeError(f"unsupported annotation {tp}")
+    raise TypeError(f"unsupported annotation {tp}")
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    if lo is None and hi is None:
+        return
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        doc = f" ({meta['doc']})" if meta.get("doc") else ""
+        raise UserError(f"{key} = {value!r} is out of range: allowed {left}{lo}, {hi}]{doc}")
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        allowed = ", ".join(fields)
+        raise UserError(
+            f"unknown key {_join(prefix, unknown[0])!r} in {where}; allowed keys: {allowed}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = _join(prefix, name)
+        coerced = _coerce(key, value, hints[name])
+        _check_range(key, coerced, fields[name].metadata)
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def config_from_dict(data: Mapping[str, Any]) -> MetaTrainConfig:
+    """Validates a (TOML-shaped) dict into a ``MetaTrainConfig``; raises ``UserError``."""
+    config = _from_mapping(MetaTrainConfig, data, "")
+    # A key set explicitly must be used: refuse knobs the chosen component does not have.
+    from outer_train.estimators import estimator_knobs
+
+    name = config.estimator.name
+    allowed = (*estimator_knobs(name), "name")
+    for key in data.get("estimator", {}):
+        if key not in allowed:
+            raise UserError(
+                f"estimator.{key} is not a knob of estimator {name!r}; its knobs: "
+                f"{', '.join(allowed[:-1])}"
+            )
+    if "hidden_sizes" in data.get("lopt", {}) and config.lopt.name != "mlp":
+        raise UserError(
+            f"lopt.hidden_sizes applies to lopt.name = 'mlp' only, not {config.lopt.name!r}"
+        )
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# TOML files and --set overrides.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"section.key=value"`` -> (["section", "key"], value); the value is parsed as TOML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. run.seed=1")
+    path, raw = text.split("=", 1)
+    keys = [k.strip() for k in path.strip().split(".")]
+    if len(keys) != 2 or not all(keys):
+        raise UserError(
+            f"--set {text!r}: the key must be section.key (one dot), e.g. estimator.sigma=0.01; "
+            f"sections: {', '.join(_SECTIONS)}"
+        )
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as pes: a string
+    return keys, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of the TOML dict ``data`` with ``--set`` overrides applied."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in _SECTIONS:
+            raise UserError(
+                f"--set {text!r}: unknown section {section!r}; sections: {', '.join(_SECTIONS)}"
+            )
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise UserError(f"[{section}] must be a table of keys")
+        out[section][key] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML file; a missing or malformed file raises ``UserError``."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {str(path)!r} not found; see configs/ for examples") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MetaTrainConfig:
+    """Loads and validates a config: the defaults, updated by the TOML file, then ``--set``s."""
+    data = load_toml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def to_toml(config: MetaTrainConfig) -> str:
+    """Writes a config as TOML (the inverse of ``load_config``; used to save a run's config).
+
+    Only keys that apply are written: the chosen estimator's knobs, ``lopt.hidden_sizes`` for
+    ``mlp`` only, ``[family]`` for a family only.
+    """
+    from outer_train.estimators import estimator_knobs
+
+    skip = {"estimator": set(dataclasses.asdict(config.estimator))
+            - {"name", *estimator_knobs(config.estimator.name)}}
+    if config.lopt.name != "mlp":
+        skip["lopt"] = {"hidden_sizes"}
+    lines = []
+    for section, values in config.to_dict().items():
+        if section == "family" and config.task.kind != "family":
+            continue
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if key not in skip.get(section, ()):
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

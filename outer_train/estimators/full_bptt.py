@@ -1,0 +1,83 @@
+"""Full unrolled backprop: the exact gradient of the mean meta-loss over whole episodes.
+
+    g = mean_tasks d/dtheta (1/T) sum_{t<T} l_t(theta),   each estimate on fresh episodes.
+
+Unbiased for the full-horizon meta-loss, but chaotic and high-variance for long T when the inner
+dynamics are unstable (REFERENCE.md). Memory: the T-step scan is rematerialized in segments of
+``segment_length`` steps (``jax.checkpoint`` on a nested scan), so backprop stores O(T/s) carries
+plus one segment's residuals instead of T steps' activations.
+
+``sigma > 0`` turns it into the reparameterization estimator of the Gaussian-smoothed loss
+E_eps L(theta + eps): each task's gradient is taken at its own theta + eps, eps ~ N(0, sigma^2 I)
+(the backprop side of the paper's Fig. 1 and Fig. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from outer_train.base import InnerProblem
+from outer_train.estimators import knobs
+from outer_train.estimators.antithetic import sample_noise
+from outer_train.estimators.metrics import estimator_metrics
+from outer_train.unroll import unroll_particles_grad, window_keys
+from tasks.meta_loss import masked_mean
+
+
+class FullBPTTState(NamedTuple):
+    """Empty: every estimate starts fresh episodes."""
+
+
+@flax.struct.dataclass
+class FullBPTT:
+    """Knobs: num_tasks episodes per estimate; horizon T (constant); sigma (0: plain backprop);
+    segment_length of the rematerialized scan (None: ceil(sqrt(T)))."""
+
+    problem: InnerProblem
+    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
+    horizon: int = flax.struct.field(pytree_node=False, default=200)
+    sigma: float = flax.struct.field(pytree_node=False, default=0.0)
+    segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def __post_init__(self):
+        knobs.check_int("num_tasks", self.num_tasks)
+        knobs.check_horizon(self.horizon, constant=True)
+        knobs.check_sigma("sigma", self.sigma, allow_zero=True)
+        if self.segment_length is not None:
+            knobs.check_int("segment_length", self.segment_length)
+
+    @property
+    def inner_steps_per_estimate(self) -> int:
+        return self.num_tasks * self.horizon
+
+    def init(self, key, theta) -> FullBPTTState:
+        del key, theta
+        return FullBPTTState()
+
+    def estimate(self, key, theta, state: FullBPTTState):
+        keys = window_keys(key, self.num_tasks, self.horizon)
+        theta_flat, unravel = ravel_pytree(theta)
+        if self.sigma > 0:
+            eps = sample_noise(keys.noise, self.num_tasks, theta_flat, self.sigma)
+            thetas, theta_axis = jax.vmap(unravel)(theta_flat + eps), 0
+        else:
+            thetas, theta_axis = theta, None
+        segment = self.segment_length or math.ceil(math.sqrt(self.horizon))
+        losses, grads, _, _ = unroll_particles_grad(
+            self.problem, thetas, None, keys.reset, keys.step,
+            horizon=self.horizon, theta_axis=theta_axis, segment_length=segment,
+        )
+        valid = jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)
+        metrics = estimator_metrics(
+            meta_loss=masked_mean(losses, valid),
+            num_nonfinite=jnp.sum(~valid),
+            num_resets=0,
+            inner_steps=self.inner_steps_per_estimate,
+        )
+        return unravel(masked_mean(grads, valid)), state, metrics

@@ -1,0 +1,56 @@
+"""Validation of estimator knobs: bad values raise UserError naming the knob and what is allowed.
+
+Called from each estimator's ``__post_init__`` so direct construction and ``make_estimator``
+(config files) are checked alike.
+"""
+
+from __future__ import annotations
+
+from learned_opt.errors import UserError
+from outer_train.unroll import Horizon
+
+
+def check_int(name: str, value, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_sigma(name: str, value, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not (value >= 0 if allow_zero else value > 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def check_horizon(
+    value: Horizon, *, trunc_length: int | None = None, constant: bool = False
+) -> None:
+    """horizon: an int T, or (T_min, T_max) with T_min <= T_max for a log-uniform schedule.
+
+    Truncated estimators need T_min >= trunc_length (at most one reset per window); full-horizon
+    estimators need a constant T (their scan length).
+    """
+    if isinstance(value, tuple):
+        if constant:
+            raise UserError(
+                f"horizon must be one integer for a full-horizon estimator, got {value!r}"
+            )
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        if len(value) != 2 or not all(is_int(v) for v in value):
+            raise UserError(f"horizon must be an integer or [min, max] integers, got {value!r}")
+        lo, hi = value
+        if not 1 <= lo <= hi:
+            raise UserError(f"horizon [min, max] needs 1 <= min <= max, got {value!r}")
+    else:
+        check_int("horizon", value)
+        lo = value
+    if trunc_length is not None and lo < trunc_length:
+        raise UserError(
+            f"horizon (min) {lo} is shorter than trunc_length {trunc_length}; every episode must "
+            "span at least one window: raise horizon or lower trunc_length"
+        )

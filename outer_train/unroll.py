@@ -1,0 +1,317 @@
+"""The particle engine: a window of K inner steps per particle in one ``lax.scan``, resets in-scan.
+
+A *particle* is one inner problem being trained: its inner state (params + optimizer state), the
+inner step it is at and the horizon T of its current episode (``ParticleState``). Everything here
+is written for ONE particle and vmapped over a leading particle axis P -- the unit of
+parallelism, kept as the leading array axis so it can be sharded across devices later.
+
+Window semantics (``unroll_window``), for k = 0..K-1:
+  1. if ``inner_step >= horizon`` the episode is over: the particle is replaced by a fresh
+     episode (new params, optimizer state and horizon) with a ``jnp.where`` against a fresh state
+     built ONCE per window from ``reset_key`` -- no per-step re-initialization, no Python control
+     flow; ``after_reset[k:]`` becomes True;
+  2. one inner step with the step's key gives the meta-loss ``losses[k]``.
+A reset happens *before* a step, so ``losses[k]`` belongs to the new episode iff
+``after_reset[k]``; a particle whose episode ends exactly at a window's end resets at step 0 of
+the next window. Truncated estimators require every sampled horizon >= K, so at most one reset
+happens per particle per window (the first, staggered episode may be shorter: it began before).
+
+Groups: particles that must stay in lockstep (the + and - members of antithetic pairs, all
+perturbations of one task) form a group and receive identical reset and step keys (common random
+numbers), hence identical data, inits and horizons. ``window_keys`` draws keys per group.
+
+Horizons: an int T (constant) or a pair (T_min, T_max): each episode draws T log-uniformly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from outer_train.base import InnerProblem, InnerState, PRNGKey, Theta
+from tasks.meta_loss import masked_mean
+
+Horizon = int | tuple[int, int]
+
+
+class ParticleState(NamedTuple):
+    """One particle (leaves gain a leading [P] axis when batched).
+
+    inner: the problem's state pytree (params, optimizer state).
+    inner_step: int32 []: steps taken in the current episode.
+    horizon: int32 []: length T of the current episode.
+    """
+
+    inner: InnerState
+    inner_step: jax.Array
+    horizon: jax.Array
+
+
+class WindowTrace(NamedTuple):
+    """What one window of K steps produced for one particle.
+
+    losses: float [K]: per-step meta-loss (NaN where the inner run diverged).
+    after_reset: bool [K]: losses[k] belongs to an episode that began inside this window.
+    """
+
+    losses: jax.Array
+    after_reset: jax.Array
+
+
+class WindowKeys(NamedTuple):
+    """Per-group keys of one window (G groups, K steps).
+
+    reset: key [G]: builds the group's fresh episode (init + horizon).
+    step: key [G, K]: decides each step's data.
+    noise: key []: for the estimator's perturbations.
+    """
+
+    reset: jax.Array
+    step: jax.Array
+    noise: jax.Array
+
+
+def horizon_bounds(horizon: Horizon) -> tuple[int, int]:
+    """(T_min, T_max) of a horizon spec."""
+    if isinstance(horizon, tuple):
+        return horizon
+    return horizon, horizon
+
+
+def sample_horizon(key: PRNGKey, horizon: Horizon) -> jax.Array:
+    """int32 []: T itself, or log-uniform on [T_min, T_max] (density ~ 1/T)."""
+    lo, hi = horizon_bounds(horizon)
+    if lo == hi:
+        return jnp.asarray(lo, jnp.int32)
+    u = jax.random.uniform(key, ())
+    t = jnp.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo)))
+    return jnp.clip(jnp.floor(t), lo, hi).astype(jnp.int32)
+
+
+def start_episode(
+    problem: InnerProblem, theta: Theta, key: PRNGKey, horizon: Horizon
+) -> ParticleState:
+    """A fresh episode: ``problem.init(theta, .)`` at inner step 0 with a sampled horizon."""
+    init_key, horizon_key = jax.random.split(key)
+    inner = problem.init(theta, init_key)
+    return ParticleState(inner, jnp.zeros((), jnp.int32), sample_horizon(horizon_key, horizon))
+
+
+def stagger(state: ParticleState, key: PRNGKey) -> ParticleState:
+    """Truncate the (first) episode to a uniform length in [1, T], so resets are not in lockstep.
+
+    The params stay fresh and the optimizer sees step 0: the episode is simply shorter, which
+    keeps every step's inputs honest (no pretend "already at step t" with fresh params).
+    """
+    offset = jax.random.randint(key, (), 0, state.horizon)
+    return state._replace(horizon=state.horizon - offset)
+
+
+def force_reset(state: ParticleState, reset: jax.Array) -> ParticleState:
+    """Mark particles (bool [P]) as finished: they restart at step 0 of the next window."""
+    return state._replace(inner_step=jnp.where(reset, state.horizon, state.inner_step))
+
+
+def window_keys(key: PRNGKey, num_groups: int, num_steps: int) -> WindowKeys:
+    """Split one estimate's key into per-group reset/step keys and a noise key (each used once)."""
+    reset_key, step_key, noise_key = jax.random.split(key, 3)
+    step = jax.random.split(step_key, num_groups * num_steps).reshape(num_groups, num_steps)
+    return WindowKeys(jax.random.split(reset_key, num_groups), step, noise_key)
+
+
+def member_groups(num_groups: int, group_size: int) -> np.ndarray:
+    """int [G*S]: the group of each particle; particles are laid out group-major."""
+    return np.repeat(np.arange(num_groups), group_size)
+
+
+def _select(pred: jax.Array, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def _scan(body, carry, xs, segment_length: int | None):
+    """``lax.scan``; with ``segment_length`` a nested scan whose segments are rematerialized.
+
+    Backprop then stores the carry at segment boundaries plus one segment's residuals:
+    O(T/s + s) states instead of O(T) (s ~ sqrt(T) balances the two).
+    """
+    num_steps = xs.shape[0]
+    if segment_length is None or segment_length >= num_steps:
+        return lax.scan(body, carry, xs)
+    segment = jax.checkpoint(lambda c, seg: lax.scan(body, c, seg), prevent_cse=False)
+    num_full = num_steps // segment_length
+    head = xs[: num_full * segment_length].reshape(num_full, segment_length, *xs.shape[1:])
+    carry, ys = lax.scan(segment, carry, head)
+    ys = jax.tree.map(lambda y: y.reshape(num_full * segment_length, *y.shape[2:]), ys)
+    if num_steps % segment_length:
+        carry, tail = segment(carry, xs[num_full * segment_length :])
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+    return carry, ys
+
+
+def unroll_window(
+    problem: InnerProblem,
+    theta: Theta,
+    state: ParticleState,
+    reset_key: PRNGKey | None,
+    step_keys: jax.Array,
+    *,
+    horizon: Horizon,
+    reset_theta: Theta | None = None,
+    segment_length: int | None = None,
+) -> tuple[ParticleState, WindowTrace]:
+    """Run one particle for K = len(step_keys) inner steps (see the module docstring).
+
+    theta: used for every step, or only until the reset when ``reset_theta`` is given (noise-reuse
+      ES: a new episode gets a new perturbation). The fresh episode is built with the theta it
+      will be stepped with.
+    reset_key: None disables resets (full-horizon unrolls of a fresh episode).
+    segment_length: rematerialize the scan in segments of this many steps (for backprop).
+    """
+    if reset_key is not None:
+        fresh_theta = theta if reset_theta is None else reset_theta
+        fresh = start_episode(problem, fresh_theta, reset_key, horizon)
+
+    def body(carry, key):
+        particle, after_reset = carry
+        if reset_key is not None:
+            done = particle.inner_step >= particle.horizon
+            particle = _select(done, fresh, particle)
+            after_reset = after_reset | done
+        step_theta = theta if reset_theta is None else _select(after_reset, reset_theta, theta)
+        inner, loss = problem.step(step_theta, particle.inner, key)
+        particle = ParticleState(inner, particle.inner_step + 1, particle.horizon)
+        return (particle, after_reset), (loss, after_reset)
+
+    (state, _), (losses, after_reset) = _scan(
+        body, (state, jnp.zeros((), bool)), step_keys, segment_length
+    )
+    return state, WindowTrace(losses, after_reset)
+
+
+def start_particles(
+    problem: InnerProblem,
+    key: PRNGKey,
+    thetas: Theta,
+    *,
+    num_groups: int,
+    group_size: int,
+    horizon: Horizon,
+    staggered: bool,
+    theta_axis: int | None,
+) -> ParticleState:
+    """G*S particles, group-major, members of a group identical but for their theta.
+
+    thetas: one theta (``theta_axis=None``) or a pytree with leading axis G*S (``theta_axis=0``).
+    """
+    init_key, stagger_key = jax.random.split(key)
+    groups = member_groups(num_groups, group_size)
+    init_keys = jax.random.split(init_key, num_groups)[groups]
+    particles = jax.vmap(
+        lambda th, k: start_episode(problem, th, k, horizon), in_axes=(theta_axis, 0)
+    )(thetas, init_keys)
+    if staggered:
+        stagger_keys = jax.random.split(stagger_key, num_groups)[groups]
+        particles = jax.vmap(stagger)(particles, stagger_keys)
+    return particles
+
+
+def _particle_window(
+    problem, theta, particle, reset_key, keys, reset_theta, horizon, segment_length
+):
+    """One particle's window; ``particle=None`` starts a fresh episode from ``reset_key`` inside
+    (so gradients see ``init(theta, .)``) and the window is that episode: no further resets."""
+    if particle is None:
+        particle = start_episode(problem, theta, reset_key, horizon)
+        reset_key = None
+    return unroll_window(
+        problem, theta, particle, reset_key, keys,
+        horizon=horizon, reset_theta=reset_theta, segment_length=segment_length,
+    )
+
+
+def unroll_particles(
+    problem: InnerProblem,
+    thetas: Theta,
+    particles: ParticleState | None,
+    reset_keys: jax.Array,
+    step_keys: jax.Array,
+    *,
+    horizon: Horizon,
+    theta_axis: int | None,
+    reset_thetas: Theta | None = None,
+) -> tuple[ParticleState, WindowTrace]:
+    """``unroll_window`` vmapped over P particles, no gradient. Keys: [P] and [P, K].
+
+    ``particles=None``: every particle runs a fresh episode started from its reset key.
+    """
+
+    def one(theta, particle, reset_key, keys, reset_theta):
+        return _particle_window(
+            problem, theta, particle, reset_key, keys, reset_theta, horizon, None
+        )
+
+    reset_axis = None if reset_thetas is None else 0
+    return jax.vmap(one, in_axes=(theta_axis, 0, 0, 0, reset_axis))(
+        thetas, particles, reset_keys, step_keys, reset_thetas
+    )
+
+
+def unroll_particles_grad(
+    problem: InnerProblem,
+    thetas: Theta,
+    particles: ParticleState | None,
+    reset_keys: jax.Array,
+    step_keys: jax.Array,
+    *,
+    horizon: Horizon,
+    theta_axis: int | None,
+    segment_length: int | None = None,
+) -> tuple[jax.Array, jax.Array, ParticleState, WindowTrace]:
+    """Per-particle window loss and its backprop gradient w.r.t. that particle's theta.
+
+    The window loss is the mean of the K step losses. A given incoming particle state is an
+    input, not a function of theta: the truncated (TBPTT) gradient. ``particles=None`` starts
+    fresh episodes inside, so the gradient is the full-episode one. Gradients flow through
+    every ``init(theta, .)`` that happens inside the window.
+    Returns (losses [P], flat_grads [P, D] in ``ravel_pytree(theta)`` order, particles, trace).
+    """
+
+    def window_loss(theta, particle, reset_key, keys):
+        particle, trace = _particle_window(
+            problem, theta, particle, reset_key, keys, None, horizon, segment_length
+        )
+        return jnp.mean(trace.losses), (particle, trace)
+
+    def one(theta, particle, reset_key, keys):
+        (loss, aux), grad = jax.value_and_grad(window_loss, has_aux=True)(
+            theta, particle, reset_key, keys
+        )
+        return loss, ravel_pytree(grad)[0], aux
+
+    losses, flat_grads, (particles, trace) = jax.vmap(one, in_axes=(theta_axis, 0, 0, 0))(
+        thetas, particles, reset_keys, step_keys
+    )
+    return losses, flat_grads, particles, trace
+
+
+def evaluate_meta_loss(
+    problem: InnerProblem, key: PRNGKey, theta: Theta, *, horizon: int, num_tasks: int
+) -> dict[str, jax.Array]:
+    """Meta-loss of ``theta``, independent of any estimator: the mean per-step meta-loss of
+    ``num_tasks`` fresh episodes of ``horizon`` steps. Diverged episodes are dropped and counted.
+
+    Returns {"meta_loss": float [], "num_nonfinite": int32 []} (meta_loss NaN if all diverged).
+    """
+    keys = window_keys(key, num_tasks, horizon)
+    _, trace = unroll_particles(
+        problem, theta, None, keys.reset, keys.step, horizon=horizon, theta_axis=None
+    )
+    per_task = jnp.mean(trace.losses, axis=-1)
+    valid = jnp.isfinite(per_task)
+    return {"meta_loss": masked_mean(per_task, valid), "num_nonfinite": jnp.sum(~valid)}
