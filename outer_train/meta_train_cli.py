@@ -55,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"learned optimizer: {result.optimizer_path}")
     if result.summary_path is not None:
         print(f"summary: {result.summary_path}")
-        print(result.summary_path.read_text().split("## Adam")[0].split("## Held-out")[-1])
+        text = result.summary_path.read_text()
+        table = text[text.index("## Held-out results"):text.index("## Adam")]
+        print(table.strip())
     return 0

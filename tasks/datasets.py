@@ -13,7 +13,7 @@ Batches are drawn from these arrays inside jit (see ``ImageMLPTask.sample_batch`
 
 from __future__ import annotations
 
-import functools
+import collections
 import os
 from pathlib import Path
 
@@ -72,12 +72,14 @@ def load_dataset(
       name: ``digits`` (default), ``mnist``, ``fashion_mnist``, or any dataset prepared in the
         data dir (``tasks.tfds_sources`` documents the resolution).
       image_size: resize to this square size (one of ``IMAGE_SIZES``); None keeps the source's.
-      grayscale: average RGB to one channel (no-op for grayscale sources).
+      grayscale: RGB -> one luma channel (0.299 R + 0.587 G + 0.114 B); no-op for gray sources.
       data_dir: TFDS data dir; None means ``$TFDS_DATA_DIR``, else TFDS's default.
       manual_dir: folder with the IDX files of mnist / fashion_mnist (default
         ``<data_dir>/downloads/manual/<name>``).
       download: allow TFDS to download a catalog dataset that is not prepared.
-      cache: reuse the arrays of an earlier call with the same arguments (same process).
+      cache: reuse the arrays of an earlier call with the same (name, image_size, grayscale,
+        data_dir) in this process. ``manual_dir`` and ``download`` only matter until a
+        dataset is prepared, so they are not part of the key.
 
     Raises:
       UserError: unknown name, a dataset that is not prepared and has no files, bad files or
@@ -89,20 +91,26 @@ def load_dataset(
         )
     from tasks.tfds_sources import resolve_data_dir  # TFDS imported only when data is loaded
 
-    key = (
-        name,
-        image_size,
-        bool(grayscale),
-        resolve_data_dir(data_dir),
-        Path(manual_dir).absolute() if manual_dir else None,
-        bool(download),
-    )
-    return _load_cached(*key) if cache else _load(*key)
+    key = (name, image_size, bool(grayscale), resolve_data_dir(data_dir))
+    if cache and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    data = _load(*key, Path(manual_dir).absolute() if manual_dir else None, bool(download))
+    if cache:
+        _CACHE[key] = data
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)  # least recently used
+    return data
+
+
+# (name, image_size, grayscale, resolved data_dir) -> ImageData; bounded, least recent out.
+_CACHE: collections.OrderedDict[tuple, ImageData] = collections.OrderedDict()
+_CACHE_SIZE = 8
 
 
 def clear_dataset_cache() -> None:
     """Forget the datasets kept by ``load_dataset(cache=True)`` (frees their device memory)."""
-    _load_cached.cache_clear()
+    _CACHE.clear()
 
 
 def _load(name, image_size, grayscale, data_dir, manual_dir, download) -> ImageData:
@@ -123,9 +131,6 @@ def _load(name, image_size, grayscale, data_dir, manual_dir, download) -> ImageD
         arrays.append(_preprocess(jax.device_put(images), image_size, grayscale))
         arrays.append(jax.device_put(labels.astype(np.int32)))
     return ImageData(*arrays, num_classes=raw.num_classes, name=name)
-
-
-_load_cached = functools.lru_cache(maxsize=8)(_load)
 
 
 def _preprocess(images: jax.Array, image_size: int | None, grayscale: bool) -> jax.Array:

@@ -124,11 +124,20 @@ class ImageMLPConfig:
         return f"{self.dataset}{size}{gray}_mlp{widths}_{self.activation}_b{self.batch_size}"
 
 
-def make_task(config: ImageMLPConfig, *, data_dir: str | os.PathLike | None = None) -> ImageMLPTask:
-    """Build the task of ``config``; its dataset is loaded once per process and reused."""
+def make_task(
+    config: ImageMLPConfig,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> ImageMLPTask:
+    """Build the task of ``config``; its dataset is loaded once per process and reused.
+
+    ``data_dir``, ``manual_dir`` and ``download`` are passed to ``load_dataset``.
+    """
     data = load_dataset(
         config.dataset, image_size=config.image_size, grayscale=config.grayscale,
-        data_dir=data_dir,
+        data_dir=data_dir, manual_dir=manual_dir, download=download,
     )
     return ImageMLPTask(
         data,
@@ -155,8 +164,8 @@ PRESETS: dict[str, ImageMLPConfig] = {
 }
 
 
-def preset(name: str, *, data_dir: str | os.PathLike | None = None) -> ImageMLPTask:
-    """The task of preset ``name`` (see ``PRESETS``), with its data loaded from ``data_dir``."""
+def preset(name: str, **data_kwargs) -> ImageMLPTask:
+    """The task of preset ``name`` (see ``PRESETS``); ``data_kwargs`` go to ``make_task``."""
     if name not in PRESETS:
         raise UserError(f"unknown task preset {name!r}; available: {', '.join(PRESETS)}")
-    return make_task(PRESETS[name], data_dir=data_dir)
+    return make_task(PRESETS[name], **data_kwargs)

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default runs/train_<task>)")
     p.add_argument("--data-dir", default=None,
                    help="TFDS data dir (default $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", default=None,
+                   help="folder with the IDX files of mnist / fashion_mnist "
+                   "(default <data-dir>/downloads/manual/<dataset>)")
     p.add_argument("--download", action="store_true",
                    help="let TFDS download a catalog dataset that is not prepared")
 
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     factory, default_lr = OPTIMIZERS[args.optimizer]
     lr = default_lr if args.lr is None else args.lr
     optimizer = factory(lr)
-    task = preset(args.task, data_dir=args.data_dir) if not args.download else _download(args)
+    task = preset(args.task, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                  download=args.download)
     out = args.out or Path("runs") / f"train_{args.task}"
 
     keys = jax.random.split(jax.random.key(args.seed), args.seeds)
@@ -130,16 +134,6 @@ def run(args: argparse.Namespace) -> int:
     _plot(out / "curves.png", curves, title=f"{task.name}, {args.optimizer} lr={lr:g}")
     _print_summary(curves, test, seconds, args, eval_every, out)
     return 0
-
-
-def _download(args: argparse.Namespace):
-    from tasks.datasets import load_dataset
-
-    config = PRESETS.get(args.task)
-    if config is not None:  # prefetch with download allowed; preset() then hits the cache
-        load_dataset(config.dataset, image_size=config.image_size, grayscale=config.grayscale,
-                     data_dir=args.data_dir, download=True)
-    return preset(args.task, data_dir=args.data_dir)
 
 
 def _write_csv(path: Path, curves) -> None:

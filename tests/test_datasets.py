@@ -253,6 +253,39 @@ def test_prepared_array_record_dataset(tiny_colors_dir):
     np.testing.assert_allclose(images, np.broadcast_to(expected, images.shape), atol=1e-5)
 
 
+class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Stands in for the TFDS catalog's own ``mnist`` (same name, version and features)."""
+
+    VERSION = tfds.core.Version("3.0.1")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(28, 28, 1), encoding_format="png"),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(30), "test": self._generate_examples(10)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            image = PIL.Image.fromarray(np.full((28, 28), 5 * i, np.uint8))
+            yield i, {"image": image, "label": i % 10}
+
+
+def test_mnist_without_idx_files_reads_a_prepared_catalog_copy(tmp_path):
+    Mnist(data_dir=tmp_path, file_format="array_record").download_and_prepare()
+    data = load_dataset("mnist", data_dir=tmp_path, cache=False)
+    assert data.image_shape == (28, 28, 1)
+    assert data.test_labels.shape == (10,) and data.train_labels.shape == (27,)
+    np.testing.assert_array_equal(as_uint8(data.test_images)[:, 0, 0, 0] // 5 % 10,
+                                  np.asarray(data.test_labels))
+
+
 def test_prepared_tfrecord_without_tensorflow_says_what_to_do(tiny_colors_dir, tmp_path):
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("TensorFlow is installed: TFRecord datasets are readable")

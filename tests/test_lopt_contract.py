@@ -37,21 +37,30 @@ SHAPES = {"dense": {"kernel": (5, 3), "bias": (3,)}, "scale": ()}  # includes a 
 NUM_STEPS = 4
 
 
-def _tree_like(key, scale=1.0):
-    leaves, treedef = jax.tree.flatten(SHAPES, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)]
+# Test data comes from seeded NumPy generators: no per-shape RNG compilations.
+def _tree_like(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda shape: (scale * rng.standard_normal(shape)).astype(np.float32), SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple),
     )
 
 
-def _perturb(theta, key, sigma=0.05):
+def _perturb(theta, seed, sigma=0.05):
     """theta + sigma * noise: a 'trained' theta, and distinct thetas for vmap-over-theta."""
-    leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [x + sigma * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: (np.asarray(x) + sigma * rng.standard_normal(x.shape)).astype(np.float32),
+        theta,
     )
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda x: np.asarray(x)[i], tree)
 
 
 def _assert_same_structure(a, b):
@@ -69,11 +78,9 @@ class Case:
 
     def __init__(self, lopt: LearnedOptimizer):
         self.lopt = lopt
-        key = jax.random.key(0)
-        k_theta, k_params, k_grads = jax.random.split(key, 3)
-        self.theta = _perturb(lopt.init(k_theta), k_theta)
-        self.params = _tree_like(k_params)
-        self.grads = jax.vmap(_tree_like)(jax.random.split(k_grads, NUM_STEPS))
+        self.theta = _perturb(lopt.init(jax.random.key(0)), seed=1)
+        self.params = _tree_like(seed=2)
+        self.grads = _stack([_tree_like(seed=100 + t) for t in range(NUM_STEPS)])
         self.traces = 0
 
         def step(theta, state, grads, params):
@@ -81,7 +88,12 @@ class Case:
             updates, state = lopt.opt_fn(theta).update(grads, state, params, loss=jnp.float32(1))
             return optax.apply_updates(params, updates), state, updates
 
+        def step_without_loss(theta, state, grads, params):
+            updates, state = lopt.opt_fn(theta).update(grads, state, params)
+            return optax.apply_updates(params, updates), state, updates
+
         self.step = jax.jit(step)
+        self.step_without_loss = jax.jit(step_without_loss)
         self.init_state = jax.jit(lambda theta, params: lopt.opt_fn(theta).init(params))
 
         def run(theta, params):
@@ -116,7 +128,7 @@ def test_protocol_and_theta(case):
 
 def test_jit_finite_and_no_recompilation(case):
     state = case.init_state(case.theta, case.params)
-    grads1 = jax.tree.map(lambda g: g[0], case.grads)
+    grads1 = _index(case.grads, 0)
     params, state1, updates = case.step(case.theta, state, grads1, case.params)
     traces = case.traces
     _assert_same_structure(updates, case.params)
@@ -124,8 +136,8 @@ def test_jit_finite_and_no_recompilation(case):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
     # second call: new values (state, grads, theta) of the same shapes -> no new trace
-    grads2 = jax.tree.map(lambda g: g[1], case.grads)
-    _, state2, _ = case.step(_perturb(case.theta, jax.random.key(9)), state1, grads2, params)
+    grads2 = _index(case.grads, 1)
+    _, state2, _ = case.step(_perturb(case.theta, seed=9), state1, grads2, params)
     assert case.traces == traces
     _assert_same_structure(state2, state)
 
@@ -136,61 +148,60 @@ def test_scan_keeps_state_structure_and_matches_loop(case):
     # the same steps one jitted call at a time
     p, s = case.params, case.init_state(case.theta, case.params)
     for t in range(NUM_STEPS):
-        p, s, u = case.step(case.theta, s, jax.tree.map(lambda g, t=t: g[t], case.grads), p)
-        _close(u, jax.tree.map(lambda x, t=t: x[t], updates))
+        p, s, u = case.step(case.theta, s, _index(case.grads, t), p)
+        _close(u, _index(updates, t))
     _close(p, params)
     _close(s, state)
 
 
 def test_vmap_over_seeds(case):
-    seeds = jax.random.split(jax.random.key(3), 3)
-    batch_params = jax.vmap(_tree_like)(seeds)
-    run = jax.vmap(case.run, in_axes=(None, 0))
-    params, _, updates = run(case.theta, batch_params)
+    batch_params = _stack([_tree_like(seed=30 + i) for i in range(3)])
+    params, _, updates = jax.jit(jax.vmap(case.run, in_axes=(None, 0)))(case.theta, batch_params)
     for i in range(3):
-        p_i, _, u_i = case.run(case.theta, jax.tree.map(lambda x, i=i: x[i], batch_params))
-        _close(jax.tree.map(lambda x, i=i: x[i], params), p_i, rtol=1e-5, atol=1e-6)
-        _close(jax.tree.map(lambda x, i=i: x[i], updates), u_i, rtol=1e-5, atol=1e-6)
+        p_i, _, u_i = case.run(case.theta, _index(batch_params, i))
+        _close(_index(params, i), p_i, rtol=1e-5, atol=1e-6)
+        _close(_index(updates, i), u_i, rtol=1e-5, atol=1e-6)
 
 
 def test_vmap_over_theta(case):
     # meta-training vmaps the update over particles, each with its own theta
-    thetas = jax.vmap(lambda k: _perturb(case.theta, k, 0.1))(jax.random.split(jax.random.key(4), 3))
-    params, _, updates = jax.vmap(case.run, in_axes=(0, None))(thetas, case.params)
+    thetas = _stack([_perturb(case.theta, seed=40 + i, sigma=0.1) for i in range(3)])
+    params, _, updates = jax.jit(jax.vmap(case.run, in_axes=(0, None)))(thetas, case.params)
     outs = []
     for i in range(3):
-        p_i, _, u_i = case.run(jax.tree.map(lambda x, i=i: x[i], thetas), case.params)
-        _close(jax.tree.map(lambda x, i=i: x[i], params), p_i, rtol=1e-5, atol=1e-6)
-        _close(jax.tree.map(lambda x, i=i: x[i], updates), u_i, rtol=1e-5, atol=1e-6)
+        p_i, _, u_i = case.run(_index(thetas, i), case.params)
+        _close(_index(params, i), p_i, rtol=1e-5, atol=1e-6)
+        _close(_index(updates, i), u_i, rtol=1e-5, atol=1e-6)
         outs.append(p_i)
     # different theta -> different trajectories (the test would pass vacuously otherwise)
     assert not np.allclose(outs[0]["dense"]["kernel"], outs[1]["dense"]["kernel"])
 
 
 def test_loss_is_optional_and_state_holds_no_params(case):
-    tx = case.lopt.opt_fn(case.theta)
-    grads = jax.tree.map(lambda g: g[0], case.grads)
-    other_params = _tree_like(jax.random.key(5), scale=3.0)
-    state = tx.init(case.params)
-    jax.tree.map(np.testing.assert_array_equal, state, tx.init(other_params))
-    u1, s1 = tx.update(grads, state, case.params)
-    u2, s2 = tx.update(grads, state, case.params, loss=jnp.float32(0.7), unused_extra=1)
+    grads = _index(case.grads, 0)
+    other_params = _tree_like(seed=5, scale=3.0)
+    state = case.init_state(case.theta, case.params)
+    jax.tree.map(np.testing.assert_array_equal, state, case.init_state(case.theta, other_params))
+    _, s1, u1 = case.step_without_loss(case.theta, state, grads, case.params)
+    _, s2, u2 = case.step(case.theta, state, grads, case.params)  # with loss=1.0
     jax.tree.map(np.testing.assert_array_equal, u1, u2)
     jax.tree.map(np.testing.assert_array_equal, s1, s2)
     # the next state depends on grads only: it cannot be carrying the params
-    _, s3 = tx.update(grads, state, other_params)
+    _, s3, _ = case.step_without_loss(case.theta, state, grads, other_params)
     jax.tree.map(np.testing.assert_array_equal, s1, s3)
+    # extra keyword args are accepted (optax.chain forwards the same ones to every member)
+    tx = case.lopt.opt_fn(case.theta)
+    jax.eval_shape(lambda: tx.update(grads, state, case.params, loss=1.0, unused_extra=1))
 
 
 def test_composes_with_optax_chain(case):
     clip = 0.5
     chained = optax.chain(optax.clip_by_global_norm(clip), case.lopt.opt_fn(case.theta))
-    tx = case.lopt.opt_fn(case.theta)
-    grads = jax.tree.map(lambda g: 10.0 * g[0], case.grads)  # big enough to be clipped
+    grads = jax.tree.map(lambda g: 10.0 * g, _index(case.grads, 0))  # big enough to be clipped
     u_chain, _ = jax.jit(chained.update)(grads, chained.init(case.params), case.params, loss=1.0)
-    norm = optax.global_norm(grads)
-    clipped = jax.tree.map(lambda g: g * (clip / norm), grads)
-    u_ref, _ = tx.update(clipped, tx.init(case.params), case.params)
+    clipped = jax.tree.map(lambda g: g * (clip / optax.tree.norm(grads)), grads)
+    state = case.init_state(case.theta, case.params)
+    _, _, u_ref = case.step(case.theta, state, clipped, case.params)
     _close(u_chain, u_ref, rtol=1e-5, atol=1e-7)
 
 
@@ -198,16 +209,24 @@ def test_composes_with_optax_chain(case):
 
 
 def _compare_with_optax(lopt, theta, reference, steps=25):
-    params = _tree_like(jax.random.key(6))
-    grad_seq = jax.vmap(_tree_like)(jax.random.split(jax.random.key(7), steps))
-    tx = lopt.opt_fn(theta)
-    s, s_ref = tx.init(params), reference.init(params)
-    for t in range(steps):
-        g = jax.tree.map(lambda x, t=t: x[t], grad_seq)
-        u, s = tx.update(g, s, params)
-        u_ref, s_ref = reference.update(g, s_ref, params)
-        _close(u, u_ref, rtol=2e-5, atol=1e-9)
-        params = optax.apply_updates(params, u_ref)
+    params = _tree_like(seed=6)
+    grad_seq = _stack([_tree_like(seed=200 + t) for t in range(steps)])
+
+    @jax.jit
+    def run(theta, params):
+        tx = lopt.opt_fn(theta)
+
+        def body(carry, g):
+            params, s, s_ref = carry
+            u, s = tx.update(g, s, params)
+            u_ref, s_ref = reference.update(g, s_ref, params)
+            return (optax.apply_updates(params, u_ref), s, s_ref), (u, u_ref)
+
+        carry = (params, tx.init(params), reference.init(params))
+        return jax.lax.scan(body, carry, grad_seq)[1]
+
+    updates, ref_updates = run(theta, params)
+    _close(updates, ref_updates, rtol=2e-5, atol=1e-9)
 
 
 def test_learned_sgd_matches_optax():

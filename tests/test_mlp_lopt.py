@@ -1,0 +1,182 @@
+"""MLPLOpt: architecture, equality with a naive float64 reference, initialization behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from learned_opt import MLPLOpt, MLPLOptState, UserError
+from learned_opt.features import time_features
+
+SHAPES = {"a": (7, 5), "b": (5,), "c": (), "d": (3, 2, 4)}
+LEAF_SCALES = {"a": 1.0, "b": 1e-3, "c": 10.0, "d": 0.1}  # per-tensor normalization matters
+
+
+def _tree(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {
+        k: (scale * LEAF_SCALES[k] * rng.standard_normal(s)).astype(np.float32)
+        for k, s in SHAPES.items()
+    }
+
+
+def _random_theta(lopt, seed):
+    """Every weight random (the planted init has exact zeros that would hide bugs)."""
+    rng = np.random.default_rng(seed)
+    theta = lopt.init(jax.random.key(seed))
+    return jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), theta)
+
+
+def reference_update(lopt, theta, grads, params, momenta, step):
+    """Deliberately naive float64 NumPy version of the module docstring's formulas: per tensor,
+    the full [n, F + S] input matrix (time features repeated per row), a plain MLP.
+
+    momenta: {leaf: [n, D]}. Returns (updates, new momenta).
+    """
+    theta = jax.tree.map(lambda x: np.asarray(x, np.float64), theta)
+    decays = np.asarray(lopt.decays)
+    time = np.tanh(step / np.asarray(lopt.time_scales) - 1.0)
+    updates, new_momenta = {}, {}
+    for k in grads:
+        g = np.asarray(grads[k], np.float64).reshape(-1)
+        p = np.asarray(params[k], np.float64).reshape(-1)
+        m = momenta[k] * decays + g[:, None] * (1 - decays)
+        columns = [g] + ([p] if lopt.use_params else []) + [m[:, i] for i in range(len(decays))]
+        normed = [c / np.sqrt(np.mean(c**2) + lopt.norm_eps) for c in columns]
+        x = np.concatenate([np.stack(normed, 1), np.tile(time, (len(g), 1))], axis=1)
+        h = x
+        for i in range(len(lopt.hidden_sizes)):
+            layer = theta[f"hidden_{i}"]
+            h = np.maximum(h @ layer["kernel"] + layer["bias"], 0.0)
+        out = h @ theta["output"]["kernel"] + theta["output"]["bias"]
+        step_size = out[:, 0] * np.exp(out[:, 1] * lopt.exp_mult) * lopt.step_mult
+        updates[k] = -step_size.reshape(np.shape(grads[k]))
+        new_momenta[k] = m
+    return updates, new_momenta
+
+
+def _flat_momenta(momenta):
+    return np.concatenate([momenta[k] for k in sorted(SHAPES)])  # jax.tree order
+
+
+def test_reference_architecture():
+    lopt = MLPLOpt()
+    theta = lopt.init(jax.random.key(0))
+    assert lopt.num_inputs == 19
+    assert jax.tree.map(jnp.shape, theta) == {
+        "hidden_0": {"kernel": (19, 32), "bias": (32,)},
+        "hidden_1": {"kernel": (32, 32), "bias": (32,)},
+        "output": {"kernel": (32, 2), "bias": (2,)},
+    }
+    assert sum(x.size for x in jax.tree.leaves(theta)) == 1762
+    assert lopt.flops_per_param() == 2857
+    other = lopt.init(jax.random.key(1))
+    assert not np.array_equal(theta["hidden_1"]["kernel"], other["hidden_1"]["kernel"])
+
+
+def test_time_features():
+    np.testing.assert_allclose(
+        time_features(jnp.int32(30), (1.0, 30.0, 3e4)),
+        np.tanh([29.0, 0.0, 30 / 3e4 - 1.0]), rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "lopt",
+    [MLPLOpt(), MLPLOpt(hidden_sizes=(6, 5, 4), decays=(0.3,), time_scales=(2.0, 50.0),
+                        use_params=False, step_mult=0.01, exp_mult=0.1)],
+    ids=["reference", "variant"],
+)
+def test_matches_naive_reference(lopt):
+    theta = _random_theta(lopt, seed=1)
+    tx = lopt.opt_fn(theta)
+    update = jax.jit(tx.update)
+    params = _tree(seed=2)
+    state = tx.init(params)
+    momenta = {k: np.zeros((int(np.prod(s)), len(lopt.decays))) for k, s in SHAPES.items()}
+    # three steps from a fresh state, then one from a late step (time features near saturation)
+    steps = [0, 1, 2, 5000]
+    for i, t in enumerate(steps):
+        grads = _tree(seed=10 + i)
+        if t == 5000:
+            state = MLPLOptState(state.momenta, jnp.int32(t))
+        updates, state = update(grads, state, params)
+        ref_updates, momenta = reference_update(lopt, theta, grads, params, momenta, t)
+        for k in SHAPES:
+            np.testing.assert_allclose(updates[k], ref_updates[k], rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(
+            state.momenta, _flat_momenta(momenta), rtol=1e-5, atol=1e-10
+        )
+        assert int(state.step) == t + 1
+        params = optax.apply_updates(params, updates)
+
+
+def test_fresh_init_steps_along_the_normalized_gradient():
+    lopt = MLPLOpt()
+    tx = lopt.opt_fn(lopt.init(jax.random.key(0)))
+    params, grads = _tree(seed=3), _tree(seed=4)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for k in SHAPES:
+        if SHAPES[k] == ():
+            continue
+        u, g = np.ravel(updates[k]), np.ravel(grads[k])
+        cosine = -(u @ g) / (np.linalg.norm(u) * np.linalg.norm(g))
+        assert cosine > 0.95, (k, cosine)
+        rms = np.sqrt(np.mean(u**2))
+        assert 0.5e-3 < rms < 2e-3, (k, rms)  # ~ step_mult * init_descent_gain, any grad scale
+
+
+@pytest.fixture(scope="module")
+def standard_task():
+    from tasks.datasets import load_dataset
+    from tasks.image_mlp import ImageMLPTask
+
+    return ImageMLPTask(load_dataset("digits"))
+
+
+def test_fresh_init_decreases_the_standard_task_loss(standard_task):
+    lopt = MLPLOpt()
+    theta = lopt.init(jax.random.key(0))
+
+    @jax.jit
+    def train(theta, task, key):
+        params_key, data_key = jax.random.split(key)
+        params = task.init(params_key)
+        tx = lopt.opt_fn(theta)
+
+        def body(carry, batch_key):
+            params, state = carry
+            loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(batch_key))
+            updates, state = tx.update(grads, state, params, loss=loss)
+            return (optax.apply_updates(params, updates), state), loss
+
+        initial = task.evaluate(params, "train")["loss"]
+        (params, _), losses = jax.lax.scan(
+            body, (params, tx.init(params)), jax.random.split(data_key, 200)
+        )
+        return initial, task.evaluate(params, "train")["loss"], losses
+
+    initial, final, losses = train(theta, standard_task, jax.random.key(1))
+    assert np.all(np.isfinite(losses))
+    assert float(final) < 0.5 * float(initial), (float(initial), float(final))
+    assert losses[-20:].mean() < losses[:20].mean()
+
+
+def test_input_errors_are_user_errors():
+    lopt = MLPLOpt()
+    tx = lopt.opt_fn(lopt.init(jax.random.key(0)))
+    params = _tree(seed=5)
+    state = tx.init(params)
+    with pytest.raises(UserError, match="float32"):
+        tx.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    with pytest.raises(UserError, match="params"):
+        tx.update(params, state, None)
+    with pytest.raises(UserError, match="init"):
+        tx.update({"a": params["a"]}, state, {"a": params["a"]})
+    with pytest.raises(UserError, match="decays"):
+        MLPLOpt(decays=(0.9, 1.0))
+    with pytest.raises(UserError, match="hidden_sizes"):
+        MLPLOpt(hidden_sizes=())
