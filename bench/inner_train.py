@@ -12,10 +12,11 @@ valid splits every ``--eval-every`` steps, inside one jitted ``lax.scan``:
 
 Runs alternate (project, segmented, minimal) ``--repeats`` times after a warm-up call each, and
 throughput is the median (and the best) of those. Steps/s counts inner steps (each advances
-all seeds). Print JSON to
-stdout and, with ``--out``, to a file. Example::
+all seeds). On a shared machine, the ``cpu_ratio_*`` figures (this process's CPU seconds, all
+threads) are the least noisy comparison; on an idle machine the wall-clock ratios are the ones.
+Prints JSON to stdout and, with ``--out``, to a file. Example (from the repository root)::
 
-    python bench/inner_train.py --steps 2000 --seeds 8 --repeats 7 --out bench_inner_train.json
+    python -m bench.inner_train --steps 2000 --seeds 8 --repeats 7 --out bench_inner_train.json
 """
 
 from __future__ import annotations
@@ -53,15 +54,16 @@ def minimal_train_fn(task, lr: float, num_steps: int, eval_every: int):
         w, b = layers[-1]
         return x @ w + b
 
+    def cross_entropy(logits, labels):
+        picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+        return (jax.nn.logsumexp(logits, axis=1) - picked).mean()
+
     def loss_fn(layers, images, labels):
-        logp = jax.nn.log_softmax(forward(layers, images))
-        return -jnp.take_along_axis(logp, labels[:, None], axis=1).mean()
+        return cross_entropy(forward(layers, images), labels)
 
     def eval_fn(layers, images, labels):
         logits = forward(layers, images)
-        logp = jax.nn.log_softmax(logits)
-        loss = -jnp.take_along_axis(logp, labels[:, None], axis=1).mean()
-        return loss, (jnp.argmax(logits, -1) == labels).mean()
+        return cross_entropy(logits, labels), (jnp.argmax(logits, -1) == labels).mean()
 
     def one_seed(data, key):
         init_key, data_key = jax.random.split(key)
@@ -142,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         finals[name] = jax.block_until_ready(fn())
         compile_s[name] = time.perf_counter() - start
     times = {name: [] for name in runs}
+    cpu_times = {name: [] for name in runs}
     for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
         for name, fn in runs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     steps_per_s = {name: args.steps / statistics.median(t) for name, t in times.items()}
     best_steps_per_s = {name: args.steps / min(t) for name, t in times.items()}
     result = {
@@ -164,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         "best_steps_per_s": best_steps_per_s,
         "best_ratio_project_vs_minimal": (
             best_steps_per_s["project"] / best_steps_per_s["minimal"]),
+        # CPU seconds of this process (all threads): insensitive to other processes' load.
+        "cpu_ratio_project_vs_minimal": (
+            statistics.median(cpu_times["minimal"]) / statistics.median(cpu_times["project"])),
+        "cpu_ratio_segmented_vs_minimal": (
+            statistics.median(cpu_times["minimal"]) / statistics.median(cpu_times["segmented"])),
         "seconds": times,
+        "cpu_seconds": cpu_times,
         "first_call_seconds": compile_s,
         "final_valid_loss_max_abs_diff": float(
             jnp.max(jnp.abs(finals["project"] - finals["minimal"]))),

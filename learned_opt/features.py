@@ -110,6 +110,16 @@ def segment_rms_scale(layout: FlatLayout, x: jax.Array, eps: float) -> jax.Array
     return jax.lax.rsqrt(mean_sq + eps)
 
 
+def scale_segments(layout: FlatLayout, x: jax.Array, scale: jax.Array) -> jax.Array:
+    """Row p of ``x`` [P_total, F] times ``scale[leaf(p)]`` ([num_segments, F]) -> [P_total, F].
+
+    A concatenation of per-leaf products (one fused pass), not a gather by a [P_total] index
+    constant.
+    """
+    blocks = [block * scale[i] for i, block in enumerate(segments(layout, x))]
+    return jnp.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
 def time_features(step: jax.Array, time_scales: Sequence[float]) -> jax.Array:
     """``tanh(step / tau - 1)`` for each tau: int32 [] -> float32 [len(time_scales)]."""
     taus = np.asarray(time_scales, np.float32)

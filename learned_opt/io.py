@@ -73,7 +73,7 @@ def _flatten_theta(theta: Theta) -> dict[str, np.ndarray]:
                     )
                 visit(child, f"{prefix}{key}/")
             return
-        if not isinstance(node, (jax.Array, np.ndarray)):
+        if not isinstance(node, (jax.Array, np.ndarray, np.generic)):
             raise UserError(
                 f"theta{'/' + prefix[:-1] if prefix else ''} is a {type(node).__name__}; "
                 "theta must be nested dicts of arrays"

@@ -154,7 +154,7 @@ class RunConfig:
     with an error (each one skips its update and is counted; see meta_train)."""
 
     seed: int = _field(0, lo=0, hi=2**31 - 1)
-    num_outer_steps: int = _field(300, lo=1, hi=10_000_000)
+    num_outer_steps: int = _field(1000, lo=1, hi=10_000_000)
     log_every: int = _field(10, lo=1, hi=10_000_000)
     max_skipped_in_a_row: int = _field(20, lo=1, hi=10_000_000)
 
@@ -167,8 +167,8 @@ class EvalConfig:
     ``num_inner_steps = 0`` means the estimator's horizon. ``every = 0`` evaluates only at the
     start and at the end."""
 
-    every: int = _field(100, lo=0, hi=10_000_000)
-    num_seeds: int = _field(4, lo=1, hi=1024)
+    every: int = _field(250, lo=0, hi=10_000_000)
+    num_seeds: int = _field(8, lo=1, hi=1024)
     num_heldout_tasks: int = _field(2, lo=1, hi=256)
     num_inner_steps: int = _field(0, lo=0, hi=1_000_000)
     curve_every: int = _field(10, lo=1, hi=1_000_000)
@@ -179,7 +179,7 @@ class EvalConfig:
 class CheckpointConfig:
     """Checkpoint cadence (outer steps; 0 = only at the end) and how many files are kept."""
 
-    every: int = _field(50, lo=0, hi=10_000_000)
+    every: int = _field(100, lo=0, hi=10_000_000)
     keep: int = _field(3, lo=1, hi=1000)
 
 

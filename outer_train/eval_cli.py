@@ -1,11 +1,14 @@
 """``learned-opt eval``: train tasks with a saved learned optimizer against tuned Adam.
 
     learned-opt eval --optimizer runs/x/learned_optimizer.lopt --task digits_mlp --steps 200
+    learned-opt eval --optimizer runs/x/learned_optimizer.lopt --config runs/x/config.toml
 
-Each task (``--task``, repeatable; presets of ``tasks.image_mlp.PRESETS``) is trained from
-``--seeds`` seeds with the learned optimizer and with Adam at every learning rate of
-``--adam-lrs``; Adam's rate is chosen by the mean training-batch loss over the run on these same
-tasks and seeds (favouring Adam). Writes heldout_curves.png/.json and summary.md to ``--out``.
+Tasks: ``--task`` presets (repeatable; ``tasks.image_mlp.PRESETS``), or the held-out tasks of a
+meta-training config (``--config``: its task, or its family's held-out variants; ``--steps``
+and ``--seeds`` then default to its evaluation settings). Each task is trained from ``--seeds``
+seeds with the learned optimizer and with Adam at every learning rate of ``--adam-lrs``; Adam's
+rate is chosen by the mean training-batch loss over the run on these same tasks and seeds
+(favouring Adam). Writes heldout_curves.png/.json and summary.md to ``--out``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from learned_opt.errors import UserError
 
 HELP = "evaluate a saved learned optimizer against tuned Adam (curves and table)"
 DEFAULT_ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+DEFAULT_STEPS = 200
+DEFAULT_SEEDS = 8
 
 
 def _lrs(text: str) -> tuple[float, ...]:
@@ -31,16 +36,22 @@ def _lrs(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tasks.image_mlp import STANDARD_PRESET
+    from tasks.image_mlp import PRESETS, STANDARD_PRESET
 
     p.add_argument("--optimizer", type=Path, required=True,
                    help="a learned optimizer file (learned_opt.save), e.g. from meta-train")
     p.add_argument("--task", action="append", default=None,
-                   help=f"task preset, repeatable (default {STANDARD_PRESET})")
-    p.add_argument("--steps", type=int, default=200, help="inner training steps per run")
-    p.add_argument("--seeds", type=int, default=8, help="seeds per task")
+                   help=f"task preset, repeatable: {', '.join(PRESETS)} "
+                   f"(default {STANDARD_PRESET})")
+    p.add_argument("--config", type=Path, default=None,
+                   help="evaluate on the held-out tasks of this meta-train config instead")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"inner training steps per run (default {DEFAULT_STEPS}, or the "
+                   "config's evaluation steps)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per task (default {DEFAULT_SEEDS}, or the config's)")
     p.add_argument("--seed", type=int, default=1000,
-                   help="base seed of the evaluation keys (use one never used for meta-training)")
+                   help="base seed of the evaluation keys (pick one not used for meta-training)")
     p.add_argument("--adam-lrs", type=_lrs, default=DEFAULT_ADAM_LRS,
                    help="comma-separated Adam learning-rate grid")
     p.add_argument("--curve-every", type=int, default=10,
@@ -49,27 +60,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory (default runs/eval_<optimizer file stem>)")
 
 
+def _tasks(args: argparse.Namespace):
+    """(tasks, default steps, default seeds) from --task presets or --config."""
+    if args.config is not None:
+        if args.task:
+            raise UserError("give --task or --config, not both")
+        from outer_train.config import load_config
+        from outer_train.meta_train import make_tasks, run_keys
+
+        config = load_config(args.config)
+        _, heldout = make_tasks(config, run_keys(config.run.seed))
+        return heldout, config.eval_inner_steps, config.eval.num_seeds
+    from tasks.image_mlp import STANDARD_PRESET, preset
+
+    return tuple(preset(n) for n in (args.task or [STANDARD_PRESET])), DEFAULT_STEPS, DEFAULT_SEEDS
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.seeds < 1 or args.curve_every < 1:
-        raise UserError("--steps, --seeds and --curve-every must be positive")
     if not args.optimizer.exists():
         raise UserError(f"optimizer file {str(args.optimizer)!r} not found")
+    tasks, default_steps, default_seeds = _tasks(args)
+    steps = args.steps or default_steps
+    seeds = args.seeds or default_seeds
+    if steps < 1 or seeds < 1 or args.curve_every < 1:
+        raise UserError("--steps, --seeds and --curve-every must be positive")
 
     import jax
 
     import learned_opt
     from outer_train import report
     from outer_train.evaluation import HeldoutEvaluator, eval_every_for
-    from tasks.image_mlp import STANDARD_PRESET, preset
 
     loaded = learned_opt.load(args.optimizer)
-    tasks = tuple(preset(name) for name in (args.task or [STANDARD_PRESET]))
     evaluator = HeldoutEvaluator(
-        tasks=tasks,
+        tasks=tuple(tasks),
         lopt=loaded.optimizer,
-        seed_keys=jax.random.split(jax.random.key(args.seed), args.seeds),
-        num_steps=args.steps,
-        eval_every=eval_every_for(args.steps, args.curve_every),
+        seed_keys=jax.random.split(jax.random.key(args.seed), seeds),
+        num_steps=steps,
+        eval_every=eval_every_for(steps, args.curve_every),
         adam_learning_rates=tuple(args.adam_lrs),
     )
     summary = evaluator.evaluate(loaded.theta, outer_step=-1)

@@ -147,7 +147,7 @@ class HeldoutEvaluator:
         return cls(
             tasks=setup.heldout_tasks,
             lopt=setup.lopt,
-            seed_keys=jax.random.split(setup.keys.heldout, cfg.eval.num_seeds),
+            seed_keys=jax.random.split(setup.keys.heldout_seeds, cfg.eval.num_seeds),
             num_steps=num_steps,
             eval_every=eval_every_for(num_steps, cfg.eval.curve_every),
             adam_learning_rates=cfg.eval.adam_learning_rates,

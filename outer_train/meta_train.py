@@ -3,11 +3,11 @@ evaluate on held-out tasks, and write the trained optimizer, metrics, plots and 
 
 One outer step (``outer_step``; jitted once, estimators passed as arguments)::
 
-    key_n        = fold_in(outer_key, n)                       # n = outer step; replayable
-    g_v, s_v, m_v = estimator_v.estimate(key_n,v, theta, s_v)  # one per training task variant
-    g            = mean_v g_v                                  # equal weights
-    if all(isfinite(g)):  theta, opt_state <- meta_opt(g);  s <- s'
-    else:                 nothing changes; num_skipped += 1    # explicit, logged, never zeroed
+    key_v         = split(fold_in(outer_key, n), V)[v]          # n = outer step: replayable
+    g_v, s_v', m_v = estimator_v.estimate(key_v, theta, s_v)    # one per training variant v
+    g             = (1/V) sum_v g_v                             # equal weights
+    if all(isfinite(g)):  theta, opt_state <- meta_opt(g);  s_v <- s_v'
+    else:                 theta, opt_state, s_v unchanged; num_skipped += 1   # logged, not zeroed
 
 Because every key is a function of (seed, outer step) and the whole state -- theta, meta-optimizer
 state, every estimator state (particle inner states, PES accumulators) and the counters -- is one
@@ -15,7 +15,7 @@ state, every estimator state (particle inner states, PES accumulators) and the c
 the theta of an uninterrupted one.
 
 Key streams (``RunKeys``), all split from ``jax.random.key(seed)``: theta init, estimator init,
-outer steps, training-task sampling (family), held-out evaluation (seeds and family variants).
+outer steps, training-task sampling (family), held-out variants (family), held-out seeds.
 Held-out seeds come from their own stream, so they are never used for meta-training.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,12 +49,13 @@ class RunKeys(NamedTuple):
     theta: jax.Array
     estimator_init: jax.Array
     outer: jax.Array  # outer step n uses fold_in(outer, n)
-    train_tasks: jax.Array
-    heldout: jax.Array
+    train_tasks: jax.Array  # family: which variants are meta-trained on
+    heldout_tasks: jax.Array  # family: which held-out variants are evaluated
+    heldout_seeds: jax.Array  # evaluation seeds (inits and batches), never used in training
 
 
 def run_keys(seed: int) -> RunKeys:
-    return RunKeys(*jax.random.split(jax.random.key(seed), 5))
+    return RunKeys(*jax.random.split(jax.random.key(seed), len(RunKeys._fields)))
 
 
 class MetaTrainState(NamedTuple):
@@ -128,21 +129,32 @@ def make_meta_optimizer(cfg: MetaOptConfig) -> optax.GradientTransformation:
     return base
 
 
+def make_tasks(config: MetaTrainConfig, keys: RunKeys
+               ) -> tuple[tuple[Task, ...], tuple[Task, ...]]:
+    """(training tasks, held-out tasks) of a config.
+
+    ``single``: the task itself for both (held-out *seeds* separate evaluation from training).
+    ``family``: ``num_train_tasks`` training variants sampled with ``keys.train_tasks`` and up
+    to ``eval.num_heldout_tasks`` held-out variants chosen with ``keys.heldout_tasks``.
+    """
+    from tasks.image_mlp import make_task
+
+    if config.task.kind == "family":
+        family = config.make_family()
+        train = tuple(family.sample_tasks(keys.train_tasks, config.family.num_train_tasks))
+        num_heldout = min(config.eval.num_heldout_tasks, len(family.heldout_variants()))
+        return train, tuple(family.heldout_tasks(keys.heldout_tasks, num_heldout))
+    task = make_task(config.task_config())
+    return (task,), (task,)
+
+
 def build(config: MetaTrainConfig) -> MetaTrainSetup:
     """Loads data, samples task variants and builds the estimators (host side, no training)."""
     from outer_train.estimators import make_estimator
     from outer_train.problem import LearnedOptProblem
-    from tasks.image_mlp import make_task
 
     keys = run_keys(config.run.seed)
-    if config.task.kind == "family":
-        family = config.make_family()
-        train_tasks = tuple(family.sample_tasks(keys.train_tasks, config.family.num_train_tasks))
-        num_heldout = min(config.eval.num_heldout_tasks, len(family.heldout_variants()))
-        heldout_tasks = tuple(family.heldout_tasks(keys.heldout, num_heldout))
-    else:
-        task = make_task(config.task_config())
-        train_tasks, heldout_tasks = (task,), (task,)
+    train_tasks, heldout_tasks = make_tasks(config, keys)
     lopt = make_lopt(config.lopt)
     p = config.problem
     estimators = tuple(
@@ -288,7 +300,6 @@ def meta_train(
             "choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(config))
 
     t_build = time.perf_counter()
     setup = build(config)
@@ -303,6 +314,7 @@ def meta_train(
             state, resumed_from = restored.state, restored.outer_step
             log(f"resuming from {restored.path} (outer step {resumed_from})")
     start = int(state.outer_step)
+    (out_dir / "config.toml").write_text(to_toml(config))  # after a compatible restore only
     truncate_after(out_dir / "metrics.jsonl", start)
     num_steps = config.run.num_outer_steps
     if stop_after is not None:
@@ -314,10 +326,9 @@ def meta_train(
     step_fn = make_outer_step(setup.meta_opt)
     inner_per_outer = setup.inner_steps_per_outer_step
     logger = MetricsLogger(out_dir, purge_step=start)
-    history_evals: list[dict[str, Any]] = []
     try:
         if evaluator is not None and start == 0:
-            history_evals.append(_evaluate(evaluator, state, logger, log, label="init"))
+            _evaluate(evaluator, state, logger, log, label="init")
         logger.log(start, "setup", {
             "startup_seconds": time.perf_counter() - t_build,  # data, compile, first eval
             "inner_steps_per_outer_step": inner_per_outer,
@@ -325,10 +336,10 @@ def meta_train(
             "num_theta": sum(x.size for x in jax.tree.leaves(state.theta)),
         })
         state = _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash,
-                      evaluator, history_evals, progress, log)
+                      evaluator, progress, log)
         finished = int(state.outer_step) >= config.run.num_outer_steps
         if finished and evaluator is not None:
-            history_evals.append(_evaluate(evaluator, state, logger, log, label="final"))
+            _evaluate(evaluator, state, logger, log, label="final")
     finally:
         logger.close()
 
@@ -349,22 +360,21 @@ def _save_optimizer(path: Path, lopt: LearnedOptimizer, theta: Theta) -> None:
 
 
 def _evaluate(evaluator, state: MetaTrainState, logger: MetricsLogger,
-              log: Callable[[str], None], *, label: str) -> dict[str, Any]:
+              log: Callable[[str], None], *, label: str) -> None:
     t0 = time.perf_counter()
     n = int(state.outer_step)
     summary = evaluator.evaluate(state.theta, outer_step=n)
     metrics = {**summary, "seconds": time.perf_counter() - t0}
-    record = logger.log(n, "eval", metrics)
+    logger.log(n, "eval", metrics)
     log(
         f"eval @ outer step {n} ({label}): learned valid loss {summary['learned_valid_loss']:.4f}"
         f" acc {summary['learned_valid_accuracy']:.3f} | tuned Adam valid loss "
         f"{summary['adam_valid_loss']:.4f} acc {summary['adam_valid_accuracy']:.3f}"
     )
-    return record
 
 
 def _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash, evaluator,
-          history_evals, progress, log) -> MetaTrainState:
+          progress, log) -> MetaTrainState:
     from tqdm.auto import tqdm
 
     config = setup.config
@@ -374,6 +384,8 @@ def _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash
         total=config.run.num_outer_steps, initial=start, disable=not progress,
         desc="meta-train", unit="outer step", dynamic_ncols=True,
     )
+    if progress:
+        log = bar.write  # messages above the bar, not through it
     window_t0, window_steps = time.perf_counter(), 0
     try:
         for n in range(start, num_steps):
@@ -411,8 +423,15 @@ def _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash
                 _write_checkpoint(ckpt_dir, done, state, config, config_hash)
             if (evaluator is not None and done < config.run.num_outer_steps
                     and config.eval.every > 0 and done % config.eval.every == 0):
-                history_evals.append(_evaluate(evaluator, state, logger, log, label="periodic"))
+                _evaluate(evaluator, state, logger, log, label="periodic")
                 window_t0, window_steps = time.perf_counter(), 0
+    except KeyboardInterrupt:
+        # `state` is always a completed step: keep it, so --resume loses nothing.
+        done = int(state.outer_step)
+        if done > start:
+            path = _write_checkpoint(ckpt_dir, done, state, config, config_hash)
+            log(f"interrupted: checkpoint {path} written; continue with --resume")
+        raise
     finally:
         bar.close()
     return state
@@ -423,10 +442,3 @@ def _write_checkpoint(ckpt_dir, outer_step, state, config, config_hash) -> Path:
         ckpt_dir, outer_step, state, config_hash=config_hash, keep=config.checkpoint.keep,
         extra=_checkpoint_extra(config),
     )
-
-
-def read_eval_records(out_dir: str | Path) -> Sequence[dict[str, Any]]:
-    """The ``eval`` records of a run's metrics.jsonl (for reports)."""
-    from outer_train.logging import read_records
-
-    return list(read_records(Path(out_dir) / "metrics.jsonl", kind="eval"))

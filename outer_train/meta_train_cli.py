@@ -50,8 +50,13 @@ def run(args: argparse.Namespace) -> int:
 
     from outer_train.meta_train import meta_train
 
-    result = meta_train(config, out, resume=args.resume, progress=not args.no_progress,
-                        evaluate=not args.no_eval)
+    try:
+        result = meta_train(config, out, resume=args.resume, progress=not args.no_progress,
+                            evaluate=not args.no_eval)
+    except KeyboardInterrupt:
+        print(f"meta-train interrupted; continue with: learned-opt meta-train --out {out} "
+              "--resume")
+        return 130
     print(f"learned optimizer: {result.optimizer_path}")
     if result.summary_path is not None:
         print(f"summary: {result.summary_path}")

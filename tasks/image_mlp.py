@@ -74,6 +74,7 @@ class ImageMLPTask:
         return self.model.init(key, dummy)["params"]
 
     def sample_batch(self, key: jax.Array, split: str = "train") -> ImageBatch:
+        """``batch_size`` examples drawn uniformly with replacement; a pure function of key."""
         images, labels = self.data.split(split)
         idx = jax.random.randint(key, (self.batch_size,), 0, labels.shape[0])
         return ImageBatch(images[idx], labels[idx])

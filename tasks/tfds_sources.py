@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from learned_opt.errors import UserError
 from tasks import tfds_builders
+from tasks.tfds_builders import FILE_FORMAT
 
 BUILTIN_DATASETS = tuple(tfds_builders.BUILDERS)
 
@@ -88,20 +89,20 @@ def read_source(
         return _read_builder(_prepared_builtin(name, data_dir, None))
     if name in tfds_builders.IDX_SOURCES:
         manual_dir = Path(manual_dir) if manual_dir else default_manual_dir(name, data_dir)
-        builder = tfds_builders.BUILDERS[name](data_dir=data_dir, file_format="array_record")
+        builder = tfds_builders.BUILDERS[name](data_dir=data_dir, file_format=FILE_FORMAT)
         _, missing = tfds_builders.find_idx_files(manual_dir)
         if _is_prepared(builder) or not missing:
             return _read_builder(_prepared_builtin(name, data_dir, manual_dir))
-        if _find_prepared(name, data_dir) is not None:  # the TFDS catalog's own copy
-            return _read_prepared(name, data_dir)
+        if (catalog_copy := _find_prepared(name, data_dir)) is not None:
+            return _read_prepared(catalog_copy, data_dir)
         raise UserError(
             f"dataset {name!r} is not prepared in {data_dir} and its IDX files are not in "
             f"{manual_dir} (missing: {', '.join(missing)}). Put the original IDX files "
             f"there, plain or .gz (from {tfds_builders.BUILDERS[name].HOMEPAGE}), or point "
             "--manual-dir (manual_dir=) at the folder that holds them"
         )
-    if _find_prepared(name, data_dir) is not None:
-        return _read_prepared(name, data_dir)
+    if (prepared := _find_prepared(name, data_dir)) is not None:
+        return _read_prepared(prepared, data_dir)
     catalog = tfds.list_builders(with_community_datasets=False)
     base = name.split(":")[0].split("/")[0]
     if base in catalog:
@@ -114,7 +115,8 @@ def read_source(
             "--file_format array_record` on a machine with network access, then copy the "
             "folder), or pass --download (download=True) to let TFDS fetch it"
         )
-    prepared = [n for n in prepared_datasets(data_dir) if n not in _BUILDER_DIR_NAMES]
+    builder_dirs = {cls.name for cls in tfds_builders.BUILDERS.values()}
+    prepared = [n for n in prepared_datasets(data_dir) if n not in builder_dirs]
     raise UserError(
         f"unknown dataset {name!r}. Available: built-in {', '.join(BUILTIN_DATASETS)}; "
         f"prepared in {data_dir}: {', '.join(prepared) or 'none'}. Any TFDS catalog "
@@ -122,13 +124,10 @@ def read_source(
     )
 
 
-_BUILDER_DIR_NAMES = {cls.name for cls in tfds_builders.BUILDERS.values()}
-
-
 def _prepared_builtin(
     name: str, data_dir: Path, manual_dir: Path | None
 ) -> tfds.core.DatasetBuilder:
-    builder = tfds_builders.BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    builder = tfds_builders.BUILDERS[name](data_dir=data_dir, file_format=FILE_FORMAT)
     if not _is_prepared(builder):
         config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
         builder.download_and_prepare(download_config=config)
@@ -173,8 +172,7 @@ def _pinned_name(builder: tfds.core.DatasetBuilder, data_dir: Path) -> str:
     return f"{'/'.join(parts)}:{version}"
 
 
-def _read_prepared(name: str, data_dir: Path) -> RawImageData:
-    builder = _find_prepared(name, data_dir)
+def _read_prepared(builder: tfds.core.DatasetBuilder, data_dir: Path) -> RawImageData:
     pinned = _pinned_name(builder, data_dir)
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
         return _read_data_source(pinned, data_dir, download=False)

@@ -29,6 +29,7 @@ from outer_train.meta_train import (
     MetaTrainState,
     make_outer_step,
     meta_train,
+    run_keys,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def test_saved_optimizer_is_the_final_theta(cli_run, tiny_config):
     )
     assert final.outer_step == NUM_OUTER_STEPS
     assert _bitwise_equal(loaded.theta, final.state.theta)
-    initial = loaded.optimizer.init(jax.random.split(jax.random.key(0), 5)[0])
+    initial = loaded.optimizer.init(run_keys(tiny_config.run.seed).theta)
     assert not _bitwise_equal(initial, loaded.theta)  # meta-training changed theta
 
 
@@ -168,9 +169,10 @@ def test_saved_optimizer_runs_in_the_user_training_loop(cli_run):
 
 
 def test_eval_subcommand_writes_curves_and_table(cli_run, tmp_path, capsys):
+    # On the run's own config (tiny task; compiled programs are reused from the run).
     out = tmp_path / "eval"
-    code = main(["eval", "--optimizer", str(cli_run / OPTIMIZER_FILE), "--steps", "12",
-                 "--seeds", "2", "--adam-lrs", "0.01,0.1", "--curve-every", "6",
+    code = main(["eval", "--optimizer", str(cli_run / OPTIMIZER_FILE), "--config",
+                 str(cli_run / "config.toml"), "--adam-lrs", "0.01,0.1", "--curve-every", "4",
                  "--out", str(out)])
     assert code == 0
     assert "| learned optimizer |" in capsys.readouterr().out
@@ -178,7 +180,7 @@ def test_eval_subcommand_writes_curves_and_table(cli_run, tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "| learned optimizer |" in summary and "| Adam, tuned lr = " in summary
     curves = json.loads((out / "heldout_curves.json").read_text())
-    assert np.asarray(curves["adam"]["valid_loss"]).shape == (1, 2, 3)
+    assert np.asarray(curves["adam"]["valid_loss"]).shape == (1, 2, 4)
 
 
 def test_kill_and_resume_gives_bitwise_identical_theta(tmp_path, tiny_config):
