@@ -14,10 +14,10 @@ does not depend on the pixel values).
 
 Reported per model: MLPLOpt update, optax.adam update, forward+backward, ratios, the update's
 achieved GFLOP/s (``MLPLOpt.flops_per_param() * P / time``) and its fraction of the dense matmul
-rate (2048^3 float32 matmul, measured in the same run); the update vmapped over
-``--particles`` thetas (meta-training's ES particles); and, on the standard task, whole inner
-steps (batch sampling + forward/backward + update) vmapped over particles, in inner steps/s
-summed over particles.
+rate (chained 1024^3 float32 matmuls, timed in the same rounds, so under the same load); on
+``--vmapped-models`` the update vmapped over ``--particles`` thetas (meta-training's ES
+particles); and, on the standard task, whole inner steps (batch sampling + forward/backward +
+update) vmapped over particles, in inner steps/s summed over particles, for MLPLOpt and Adam.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import optax
 # run as a script from a checkout: make the repository importable without installing it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from learned_opt import MLPLOpt  # noqa: E402
-from tasks.datasets import ImageData, load_dataset  # noqa: E402
-from tasks.image_mlp import ImageMLPTask  # noqa: E402
+from learned_opt import MLPLOpt
+from tasks.datasets import ImageData, load_dataset
+from tasks.image_mlp import ImageMLPTask
 
 
 def _timed_rounds(fns: dict, repeats: int, steps: int) -> dict[str, dict[str, float]]:
@@ -56,11 +56,11 @@ def _timed_rounds(fns: dict, repeats: int, steps: int) -> dict[str, dict[str, fl
     return {n: {"us": min(t), "median_us": statistics.median(t)} for n, t in times.items()}
 
 
-def matmul_gflops(repeats: int, n: int = 2048) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    matmul = jax.jit(lambda a, b: a @ b)
-    t = _timed_rounds({"mm": lambda: matmul(a, a)}, repeats, 1)["mm"]["us"]
-    return 2 * n**3 / (t * 1e-6) / 1e9
+def _matmul_chain(steps: int, n: int = 1024):
+    """``steps`` dependent n^3 float32 matmuls (2 n^3 FLOPs each) in one jitted loop."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n), jnp.float32)
+    run = jax.jit(lambda a: jax.lax.fori_loop(0, steps, lambda i, c: (c @ a) * 0.5, a))
+    return (lambda: run(a)), 2 * n**3
 
 
 def _make_task(model: str) -> ImageMLPTask:
@@ -108,12 +108,15 @@ def bench_model(model: str, lopt: MLPLOpt, args) -> dict:
 
         return jax.lax.scan(body, params, None, length=steps)[0]
 
+    matmul, matmul_flops = _matmul_chain(steps)
     fns = {
+        "matmul_1024": matmul,  # the machine's dense matmul rate, under the same load
         "lopt_update": lambda: lopt_run(theta, params, grads),
         "adam_update": lambda: adam_run(params, grads),
         "fwd_bwd": lambda: fwd_bwd_run(task, params, batch),
-        "lopt_update_vmapped": lambda: lopt_vmapped(thetas, params, grads),
     }
+    if model in args.vmapped_models.split(","):
+        fns["lopt_update_vmapped"] = lambda: lopt_vmapped(thetas, params, grads)
     if model == "standard":
         inner_run = _inner_steps(task, lopt, adam, steps)
         fns["inner_step_lopt_vmapped"] = lambda: inner_run(thetas, task, params, key, True)
@@ -122,16 +125,21 @@ def bench_model(model: str, lopt: MLPLOpt, args) -> dict:
 
     flops = lopt.flops_per_param() * num_params
     lopt_us = t["lopt_update"]["us"]
-    vmapped_us = t["lopt_update_vmapped"]["us"]
+    matmul_gflops = matmul_flops / (t["matmul_1024"]["us"] * 1e-6) / 1e9
     out = {
         "num_params": int(num_params),
         "timings": t,
+        "matmul_gflops": matmul_gflops,
         "lopt_over_adam": lopt_us / t["adam_update"]["us"],
         "lopt_over_fwd_bwd": lopt_us / t["fwd_bwd"]["us"],
         "lopt_gflops": flops / (lopt_us * 1e-6) / 1e9,
-        "lopt_vmapped_gflops": args.particles * flops / (vmapped_us * 1e-6) / 1e9,
-        "lopt_vmapped_particle_updates_per_s": args.particles / (vmapped_us * 1e-6),
     }
+    out["lopt_fraction_of_matmul"] = out["lopt_gflops"] / matmul_gflops
+    if "lopt_update_vmapped" in t:
+        vmapped_us = t["lopt_update_vmapped"]["us"]
+        out["lopt_vmapped_gflops"] = args.particles * flops / (vmapped_us * 1e-6) / 1e9
+        out["lopt_vmapped_fraction_of_matmul"] = out["lopt_vmapped_gflops"] / matmul_gflops
+        out["lopt_vmapped_particle_updates_per_s"] = args.particles / (vmapped_us * 1e-6)
     if model == "standard":
         for name in ("lopt", "adam"):
             us = t[f"inner_step_{name}_vmapped"]["us"]
@@ -169,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--particles", type=int, default=16, help="thetas in the vmapped runs")
     parser.add_argument("--models", default="standard,large", help="comma-separated")
+    parser.add_argument(
+        "--vmapped-models", default="standard",
+        help="models on which to time the update vmapped over --particles thetas",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -185,16 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "repeats": args.repeats,
         "particles": args.particles,
-        "matmul_gflops": matmul_gflops(args.repeats),
     }
     for model in args.models.split(","):
         result[model] = bench_model(model, lopt, args)
-        result[model]["lopt_fraction_of_matmul"] = (
-            result[model]["lopt_gflops"] / result["matmul_gflops"]
-        )
-        result[model]["lopt_vmapped_fraction_of_matmul"] = (
-            result[model]["lopt_vmapped_gflops"] / result["matmul_gflops"]
-        )
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

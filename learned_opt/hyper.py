@@ -7,9 +7,10 @@ ES perturbations of a fixed sigma act multiplicatively on the hyperparameters:
 With 1-2 meta-parameters the meta-loss surface over theta can be computed exactly on a grid
 (REFERENCE.md: "the simplest learned optimizers ... 1-D/2-D meta-loss surfaces").
 
-Updates follow optax exactly (``optax.sgd`` / ``optax.adam`` with the same hyperparameters give
-the same updates up to the float32 rounding of 1 - exp(log(1 - beta))). ``loss`` and extra
-keyword arguments are accepted and unused.
+Params must be float32 (``init`` raises UserError otherwise). Updates follow optax exactly
+(``optax.sgd`` / ``optax.adam`` with the same hyperparameters give the same updates up to the
+float32 rounding of 1 - exp(log(1 - beta))). ``loss`` and extra keyword arguments are accepted
+and unused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import optax
 
 from learned_opt.base import Theta
 from learned_opt.errors import UserError
+from learned_opt.features import flat_layout
 
 
 def _scalar(value: float) -> jax.Array:
@@ -83,7 +85,7 @@ class LearnedSGD:
 
     def opt_fn(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
         def init_fn(params: Any) -> LearnedSGDState:
-            del params
+            flat_layout(params)  # float32 leaves only, like every learned optimizer here
             return LearnedSGDState()
 
         def update_fn(grads, state, params=None, *, loss=None, **extra_args):
@@ -127,6 +129,7 @@ class LearnedMomentum:
 
     def opt_fn(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
         def init_fn(params: Any) -> LearnedMomentumState:
+            flat_layout(params)
             return LearnedMomentumState(trace=optax.tree.zeros_like(params))
 
         def update_fn(grads, state, params=None, *, loss=None, **extra_args):
@@ -176,6 +179,7 @@ class LearnedAdam:
 
     def opt_fn(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
         def init_fn(params: Any) -> LearnedAdamState:
+            flat_layout(params)
             zeros = optax.tree.zeros_like(params)
             return LearnedAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
 

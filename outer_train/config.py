@@ -155,7 +155,7 @@ class RunConfig:
 
     seed: int = _field(0, lo=0, hi=2**31 - 1)
     num_outer_steps: int = _field(1000, lo=1, hi=10_000_000)
-    log_every: int = _field(10, lo=1, hi=10_000_000)
+    log_every: int = _field(1, lo=1, hi=10_000_000)
     max_skipped_in_a_row: int = _field(20, lo=1, hi=10_000_000)
 
 

@@ -130,9 +130,9 @@ class HeldoutEvaluator:
     adam_learning_rates: tuple[float, ...]
     objective: str = "train"
     theta_init: Theta | None = None
-    _adam: AdamBaseline | None = dataclasses.field(default=None, repr=False)
-    _last: tuple[int, Curves] | None = dataclasses.field(default=None, repr=False)
-    _init: Curves | None = dataclasses.field(default=None, repr=False)
+    _adam: AdamBaseline | None = dataclasses.field(default=None, init=False, repr=False)
+    _last: tuple[int, Curves] | None = dataclasses.field(default=None, init=False, repr=False)
+    _init: Curves | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         check_schedule(self.num_steps, self.eval_every)

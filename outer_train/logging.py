@@ -10,7 +10,6 @@ TensorBoard gets the same scalars as ``<kind>/<name>`` at step ``outer_step`` (r
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,8 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             # purge_step: TensorBoard hides events at or after it from an earlier, killed run.
-            self._tb = SummaryWriter(logdir=str(self.directory / "tb"), purge_step=purge_step)
+            self._tb = SummaryWriter(logdir=str(self.directory / "tb"), purge_step=purge_step,
+                                     flush_secs=10)  # the JSONL file is flushed every record
 
     def log(self, outer_step: int, kind: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes one record; returns it (as Python values)."""
@@ -60,7 +60,6 @@ class MetricsLogger:
                     continue
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{name}", float(value), int(outer_step))
-            self._tb.flush()
         return record
 
     def close(self) -> None:
@@ -99,7 +98,3 @@ def read_records(path: str | Path, kind: str | None = None) -> Iterator[dict[str
                 continue
             if kind is None or record.get("kind") == kind:
                 yield record
-
-
-def is_finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)

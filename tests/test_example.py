@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from learned_opt import LearnedAdam, save
 
@@ -27,6 +28,7 @@ def _test_losses(stdout):
     return [float(x) for x in re.findall(r"test loss (\S+)", stdout)]
 
 
+@pytest.mark.slow
 def test_example_trains_with_a_fresh_mlp_lopt(tmp_path):
     result = _run("--steps", "100", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -36,6 +38,7 @@ def test_example_trains_with_a_fresh_mlp_lopt(tmp_path):
     assert losses[-1] < 0.8 * losses[0], result.stdout
 
 
+@pytest.mark.slow
 def test_example_loads_a_given_file(tmp_path):
     path = tmp_path / "adam.lopt"
     lopt = LearnedAdam(init_lr=3e-3)

@@ -194,6 +194,12 @@ def test_loss_is_optional_and_state_holds_no_params(case):
     jax.eval_shape(lambda: tx.update(grads, state, case.params, loss=1.0, unused_extra=1))
 
 
+def test_non_float32_params_are_user_errors(case):
+    tx = case.lopt.opt_fn(case.theta)
+    with pytest.raises(UserError, match="float32"):
+        tx.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), case.params))
+
+
 def test_composes_with_optax_chain(case):
     clip = 0.5
     chained = optax.chain(optax.clip_by_global_norm(clip), case.lopt.opt_fn(case.theta))
