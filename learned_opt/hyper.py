@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -33,8 +34,9 @@ def _scalar(value: float) -> jax.Array:
 
 
 def _log(name: str, value: float) -> float:
-    if not value > 0:
-        raise UserError(f"{name} must be > 0 to take its log, got {value}")
+    """log(value) for a hyperparameter that must be a positive number (else UserError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise UserError(f"{name} must be a number > 0 (its log is the theta entry), got {value!r}")
     return math.log(value)
 
 

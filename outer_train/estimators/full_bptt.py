@@ -14,7 +14,6 @@ E_eps L(theta + eps): each task's gradient is taken at its own theta + eps, eps 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.struct
@@ -49,8 +48,7 @@ class FullBPTT:
         knobs.check_int("num_tasks", self.num_tasks)
         knobs.check_horizon(self.horizon, constant=True)
         knobs.check_sigma("sigma", self.sigma, allow_zero=True)
-        if self.segment_length is not None:
-            knobs.check_int("segment_length", self.segment_length)
+        knobs.check_segment_length(self.segment_length)
 
     @property
     def inner_steps_per_estimate(self) -> int:
@@ -68,7 +66,7 @@ class FullBPTT:
             thetas, theta_axis = jax.vmap(unravel)(theta_flat + eps), 0
         else:
             thetas, theta_axis = theta, None
-        segment = self.segment_length or math.ceil(math.sqrt(self.horizon))
+        segment = knobs.remat_segment(self.segment_length, self.horizon)
         losses, grads, _, _ = unroll_particles_grad(
             self.problem, thetas, None, keys.reset, keys.step,
             horizon=self.horizon, theta_axis=theta_axis, segment_length=segment,

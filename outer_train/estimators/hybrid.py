@@ -59,7 +59,8 @@ def _masked_variance(x: jax.Array, mean: jax.Array, valid: jax.Array) -> jax.Arr
 @flax.struct.dataclass
 class Hybrid:
     """Knobs: num_tasks x num_perturbations pairs; trunc_length K; horizon T or (T_min, T_max);
-    sigma; loss_shaping + shaping_scale (ES side); staggered."""
+    sigma; loss_shaping + shaping_scale (ES side); staggered; segment_length of the
+    rematerialized window scan (None: ceil(sqrt(K)))."""
 
     problem: InnerProblem
     num_tasks: int = flax.struct.field(pytree_node=False, default=8)
@@ -70,6 +71,7 @@ class Hybrid:
     loss_shaping: str = flax.struct.field(pytree_node=False, default="none")
     shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
     staggered: bool = flax.struct.field(pytree_node=False, default=True)
+    segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         knobs.check_int("num_tasks", self.num_tasks)
@@ -84,6 +86,7 @@ class Hybrid:
         knobs.check_sigma("sigma", self.sigma)
         knobs.check_choice("loss_shaping", self.loss_shaping, antithetic.LOSS_SHAPINGS)
         knobs.check_sigma("shaping_scale", self.shaping_scale)
+        knobs.check_segment_length(self.segment_length)
 
     @property
     def inner_steps_per_estimate(self) -> int:
@@ -106,6 +109,7 @@ class Hybrid:
         losses, grads, _, _ = unroll_particles_grad(
             self.problem, thetas, members, keys.reset[groups], keys.step[groups],
             horizon=self.horizon, theta_axis=0,
+            segment_length=knobs.remat_segment(self.segment_length, self.trunc_length),
         )
         particles, center_trace = unroll_particles(
             self.problem, theta, state.particles, keys.reset, keys.step,

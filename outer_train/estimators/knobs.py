@@ -6,6 +6,8 @@ Called from each estimator's ``__post_init__`` so direct construction and ``make
 
 from __future__ import annotations
 
+import math
+
 from learned_opt.errors import UserError
 from outer_train.unroll import Horizon
 
@@ -54,3 +56,13 @@ def check_horizon(
             f"horizon (min) {lo} is shorter than trunc_length {trunc_length}; every episode must "
             "span at least one window: raise horizon or lower trunc_length"
         )
+
+
+def check_segment_length(value) -> None:
+    if value is not None:
+        check_int("segment_length", value)
+
+
+def remat_segment(segment_length: int | None, num_steps: int) -> int:
+    """Steps per rematerialized segment of a backprop scan: the knob, or ceil(sqrt(steps))."""
+    return segment_length or math.ceil(math.sqrt(num_steps))
