@@ -27,8 +27,8 @@ same process, same load) and reports:
 Full backprop is also run at T = 100, 1000, 2000 (memory grows like sqrt(T) with the segmented
 rematerialization). ``--devices N`` splits the host CPU into N XLA devices
 (``--xla_force_host_platform_device_count``) and shards the estimator state's leading particle
-axis over them (``NamedSharding``; the estimator code is unchanged, GSPMD partitions the vmapped
-unroll). Prints one JSON object (and writes it to ``--out``).
+axis over them (``outer_train.unroll.shard_particles``; the estimator code is unchanged, GSPMD
+partitions the vmapped unroll). Prints one JSON object (and writes it to ``--out``).
 """
 
 from __future__ import annotations
@@ -106,22 +106,6 @@ def _inner_step_gflop(task, lopt, params, backprop: bool) -> float:
     return (3 if backprop else 1) * forward / 1e9
 
 
-def _shard_particles(tree, num_devices: int):
-    """Shard every leaf's leading axis over the devices (estimator states are per particle or
-    per pair along axis 0); leaves that do not divide evenly are replicated."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(jax.devices()[:num_devices], ("particles",))
-
-    def place(x):
-        split = x.ndim >= 1 and x.shape[0] % num_devices == 0
-        spec = PartitionSpec("particles") if split else PartitionSpec()
-        return jax.device_put(x, NamedSharding(mesh, spec))
-
-    return jax.tree.map(place, tree)
-
-
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -136,6 +120,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     from learned_opt.mlp_lopt import MLPLOpt
     from outer_train.estimators import make_estimator
     from outer_train.problem import LearnedOptProblem
+    from outer_train.unroll import shard_particles
     from tasks.image_mlp import STANDARD_PRESET, preset
 
     estimator_name, knobs = CONFIGS[config_name]
@@ -158,7 +143,8 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     init_key, key = jax.random.split(key)
     state = jax.jit(est.init)(init_key, theta)
     if devices > 1:
-        state = _shard_particles(state, devices)
+        mesh = jax.sharding.Mesh(jax.devices()[:devices], ("particles",))
+        state = shard_particles(state, mesh)
     opt_state = meta_opt.init(theta)
     t0 = time.perf_counter()
     step_key, key = jax.random.split(key)

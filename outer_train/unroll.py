@@ -300,6 +300,21 @@ def unroll_particles_grad(
     return losses, flat_grads, particles, trace
 
 
+def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = "particles"):
+    """Place ``tree`` (e.g. an estimator state) with its leading particle axis split over
+    ``mesh``'s ``axis_name`` devices; leaves whose leading axis does not divide evenly (and
+    scalars) are replicated. Jitted estimators then run partitioned (GSPMD); on CPU, split the
+    host with ``--xla_force_host_platform_device_count=N`` (set before JAX starts)."""
+    size = mesh.shape[axis_name]
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        return jax.device_put(x, split if x.ndim >= 1 and x.shape[0] % size == 0 else replicated)
+
+    return jax.tree.map(place, tree)
+
+
 def evaluate_meta_loss(
     problem: InnerProblem, key: PRNGKey, theta: Theta, *, horizon: int, num_tasks: int
 ) -> dict[str, jax.Array]:

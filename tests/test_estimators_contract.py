@@ -262,3 +262,36 @@ def test_tbptt_with_k_equal_t_is_full_backprop(problem, theta):
     assert float(m_tbptt["meta_loss"]) == pytest.approx(float(m_full["meta_loss"]), rel=1e-6)
     assert int(m_tbptt["num_resets"]) == tasks
     np.testing.assert_array_equal(new_state.particles.inner_step, horizon)
+
+
+def test_loss_shaping_rescales_each_pairs_difference():
+    """Same key -> same eps and loss differences; "sign" replaces each difference d by
+    scale * sign(d), "clip" by clip(d, -scale, scale)."""
+    lds = LinearSystemProblem.create(jax.random.key(0), noise_scale=0.1)
+    theta, key = jnp.array([0.3, -0.2, 0.1, 0.5]), jax.random.key(3)
+    grad = lambda **k: jax.jit(make_estimator("es", lds, num_tasks=1, horizon=5, **k).estimate)(
+        key, theta, ()
+    )[0]
+    raw = grad()
+    ratio = grad(loss_shaping="sign", shaping_scale=1e-3) / raw
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)  # one positive factor: scale / |d|
+    assert ratio[0] > 0
+    np.testing.assert_allclose(grad(loss_shaping="clip", shaping_scale=1e6), raw, rtol=1e-6)
+    np.testing.assert_allclose(
+        grad(loss_shaping="clip", shaping_scale=1e-9),
+        grad(loss_shaping="sign", shaping_scale=1e-9), rtol=1e-5,
+    )
+
+
+def test_batched_draws_equal_vmapped_draws():
+    lds = LinearSystemProblem.create(jax.random.key(0), noise_scale=0.1)
+    theta = jnp.array([0.3, -0.2, 0.1, 0.5])
+    est = make_estimator("pes", lds, num_tasks=2, trunc_length=3, horizon=9)
+    state = est.init(jax.random.key(1), theta)
+    run = jax.jit(lambda s, b: draws(est, jax.random.key(2), theta, s, 5, batch_size=b),
+                  static_argnums=1)
+    vmapped, batched = run(state, None), run(state, 2)
+    for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(batched), strict=True):
+        # ES divides loss differences by sigma^2: float32 rounding of other batch shapes shows
+        scale = float(np.max(np.abs(a))) if a.dtype.kind == "f" else 0.0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)

@@ -150,3 +150,12 @@ def test_evaluate_meta_loss_is_the_expected_meta_loss_on_a_noise_free_system():
     out = unroll.evaluate_meta_loss(lds, jax.random.key(1), theta, horizon=12, num_tasks=3)
     np.testing.assert_allclose(out["meta_loss"], lds.expected_meta_loss(theta, 12), rtol=1e-5)
     assert int(out["num_nonfinite"]) == 0
+
+
+def test_shard_particles_splits_the_leading_axis_and_replicates_the_rest():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("particles",))
+    tree = {"per_particle": jnp.ones((4, 3)), "scalar": jnp.ones(())}
+    placed = unroll.shard_particles(tree, mesh)
+    assert placed["per_particle"].sharding.spec == jax.sharding.PartitionSpec("particles")
+    assert placed["scalar"].sharding.spec == jax.sharding.PartitionSpec()
+    np.testing.assert_array_equal(placed["per_particle"], tree["per_particle"])
