@@ -221,6 +221,34 @@ def start_particles(
     return particles
 
 
+def _nbytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _abstract(tree, drop_leading_axis: bool = False):
+    start = 1 if drop_leading_axis else 0
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[start:], x.dtype), tree)
+
+
+def memory_optimal_segment(
+    problem: InnerProblem, theta: Theta, inner: InnerState, num_steps: int
+) -> int:
+    """Steps per rematerialized segment that minimize backprop memory over ``num_steps`` steps.
+
+    Memory ~ (T/s) carries + s steps' residuals, minimal at s = sqrt(T * carry / residual);
+    ``residual`` = bytes of one step's VJP residuals, measured with ``eval_shape`` at trace time
+    (no FLOPs). At least 2: one-step segments were measured slower. Standard workload: 2.56 MB
+    of residuals per step vs a 0.1 MB carry -> s = 7 at T = 1000 (vs sqrt(T) = 32).
+    """
+    key = jax.random.key(0)
+    residuals = jax.eval_shape(
+        lambda th, s: jax.vjp(lambda a, b: problem.step(a, b, key), th, s)[1],
+        _abstract(theta), _abstract(inner),
+    )
+    ratio = _nbytes(inner) / max(_nbytes(residuals), 1)
+    return max(2, min(num_steps, math.ceil(math.sqrt(num_steps * ratio))))
+
+
 def _particle_window(
     problem, theta, particle, reset_key, keys, reset_theta, horizon, segment_length
 ):
@@ -275,12 +303,23 @@ def unroll_particles_grad(
 ) -> tuple[jax.Array, jax.Array, ParticleState, WindowTrace]:
     """Per-particle window loss and its backprop gradient w.r.t. that particle's theta.
 
+    The window's scan is rematerialized in segments of ``segment_length`` steps; None picks
+    ``memory_optimal_segment``; K (the window length) stores every step's residuals.
+
     The window loss is the mean of the K step losses. A given incoming particle state is an
     input, not a function of theta: the truncated (TBPTT) gradient. ``particles=None`` starts
     fresh episodes inside, so the gradient is the full-episode one. Gradients flow through
     every ``init(theta, .)`` that happens inside the window.
     Returns (losses [P], flat_grads [P, D] in ``ravel_pytree(theta)`` order, particles, trace).
     """
+
+    if segment_length is None:
+        theta = thetas if theta_axis is None else _abstract(thetas, drop_leading_axis=True)
+        if particles is None:
+            inner = jax.eval_shape(lambda: problem.init(theta, jax.random.key(0)))
+        else:
+            inner = _abstract(particles.inner, drop_leading_axis=True)
+        segment_length = memory_optimal_segment(problem, theta, inner, step_keys.shape[1])
 
     def window_loss(theta, particle, reset_key, keys):
         particle, trace = _particle_window(

@@ -5,7 +5,8 @@
 Unbiased for the full-horizon meta-loss, but chaotic and high-variance for long T when the inner
 dynamics are unstable (REFERENCE.md). Memory: the T-step scan is rematerialized in segments of
 ``segment_length`` steps (``jax.checkpoint`` on a nested scan), so backprop stores O(T/s) carries
-plus one segment's residuals instead of T steps' activations.
+plus one segment's residuals instead of T steps' activations; by default s ~ sqrt(T * carry /
+residual bytes), so memory grows like sqrt(T).
 
 ``sigma > 0`` turns it into the reparameterization estimator of the Gaussian-smoothed loss
 E_eps L(theta + eps): each task's gradient is taken at its own theta + eps, eps ~ N(0, sigma^2 I)
@@ -36,7 +37,7 @@ class FullBPTTState(NamedTuple):
 @flax.struct.dataclass
 class FullBPTT:
     """Knobs: num_tasks episodes per estimate; horizon T (constant); sigma (0: plain backprop);
-    segment_length of the rematerialized scan (None: ceil(sqrt(T)))."""
+    segment_length of the rematerialized scan (None: ``unroll.memory_optimal_segment``)."""
 
     problem: InnerProblem
     num_tasks: int = flax.struct.field(pytree_node=False, default=8)
@@ -66,10 +67,9 @@ class FullBPTT:
             thetas, theta_axis = jax.vmap(unravel)(theta_flat + eps), 0
         else:
             thetas, theta_axis = theta, None
-        segment = knobs.remat_segment(self.segment_length, self.horizon)
         losses, grads, _, _ = unroll_particles_grad(
             self.problem, thetas, None, keys.reset, keys.step,
-            horizon=self.horizon, theta_axis=theta_axis, segment_length=segment,
+            horizon=self.horizon, theta_axis=theta_axis, segment_length=self.segment_length,
         )
         valid = jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)
         metrics = estimator_metrics(

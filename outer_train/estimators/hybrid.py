@@ -60,7 +60,7 @@ def _masked_variance(x: jax.Array, mean: jax.Array, valid: jax.Array) -> jax.Arr
 class Hybrid:
     """Knobs: num_tasks x num_perturbations pairs; trunc_length K; horizon T or (T_min, T_max);
     sigma; loss_shaping + shaping_scale (ES side); staggered; segment_length of the
-    rematerialized window scan (None: ceil(sqrt(K)))."""
+    rematerialized window scan (None: ``unroll.memory_optimal_segment``)."""
 
     problem: InnerProblem
     num_tasks: int = flax.struct.field(pytree_node=False, default=8)
@@ -109,7 +109,7 @@ class Hybrid:
         losses, grads, _, _ = unroll_particles_grad(
             self.problem, thetas, members, keys.reset[groups], keys.step[groups],
             horizon=self.horizon, theta_axis=0,
-            segment_length=knobs.remat_segment(self.segment_length, self.trunc_length),
+            segment_length=self.segment_length,
         )
         particles, center_trace = unroll_particles(
             self.problem, theta, state.particles, keys.reset, keys.step,

@@ -6,8 +6,6 @@ Called from each estimator's ``__post_init__`` so direct construction and ``make
 
 from __future__ import annotations
 
-import math
-
 from learned_opt.errors import UserError
 from outer_train.unroll import Horizon
 
@@ -62,7 +60,3 @@ def check_segment_length(value) -> None:
     if value is not None:
         check_int("segment_length", value)
 
-
-def remat_segment(segment_length: int | None, num_steps: int) -> int:
-    """Steps per rematerialized segment of a backprop scan: the knob, or ceil(sqrt(steps))."""
-    return segment_length or math.ceil(math.sqrt(num_steps))
