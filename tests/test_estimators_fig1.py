@@ -20,7 +20,7 @@ from tasks.analytic import REPARAM_ASYMPTOTE, SinusoidToy, toy_max_variance
 SIGMA = 0.3
 FREQUENCIES = (5.0, 10.0, 15.0, 20.0, 30.0)
 X_GRID = jnp.linspace(-10.0, 10.0, 81)
-NUM_DRAWS = 50_000
+NUM_DRAWS = 100_000
 
 
 @pytest.fixture(scope="module")
