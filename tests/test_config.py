@@ -116,7 +116,8 @@ def test_overrides_parse_toml_values_and_bare_words():
     config = load_config(None, ["estimator.name=tbptt", "estimator.trunc_length=5"])
     assert config.estimator.name == "tbptt"
     assert config.estimator.knobs() == {
-        "num_tasks": 8, "trunc_length": 5, "horizon": 200, "staggered": True
+        "num_tasks": 8, "trunc_length": 5, "horizon": 200, "staggered": True,
+        "segment_length": None,
     }
     # An int where a float is expected is fine (TOML writes 1 for 1.0).
     assert load_config(None, ["meta_opt.clip_norm=2"]).meta_opt.clip_norm == 2.0

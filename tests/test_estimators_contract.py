@@ -28,7 +28,8 @@ class TinyState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TinyLOpt:
-    """update = -exp(log_lr) * (m + mix * tanh(g)), m <- sigmoid(logit_beta) m + g. Any dtype."""
+    """update = -exp(log_lr) * (m + mix * tanh(g)), m <- sigmoid(logit_beta) m + g. Any dtype:
+    the float64 finite-difference test needs that (learned_opt.hyper's optimizers are float32)."""
 
     name = "tiny"
 
