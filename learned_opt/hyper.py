@@ -144,6 +144,17 @@ class LearnedMomentum:
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """sqrt with derivative 0 (not inf) at x = 0; the same values as jnp.sqrt.
+
+    A coordinate whose gradient is always 0 (digits' constant border pixels) has nu = 0, and
+    sqrt's infinite slope there times a zero tangent gives NaN meta-gradients under backprop.
+    Where nu stays 0 its true derivative is 0; the double where keeps NaN out of both branches.
+    """
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnedAdam:
     """Adam (Kingma & Ba 2015) with learnable lr, beta1, beta2, eps, as optax.adam:
@@ -198,7 +209,7 @@ class LearnedAdam:
             k = count.astype(jnp.float32)
             mu_correction, nu_correction = 1.0 - b1**k, 1.0 - b2**k  # bias corrections
             updates = jax.tree.map(
-                lambda m, v: -lr * (m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps),
+                lambda m, v: -lr * (m / mu_correction) / (_safe_sqrt(v / nu_correction) + eps),
                 mu, nu,
             )
             return updates, LearnedAdamState(count, mu, nu)

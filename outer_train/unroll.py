@@ -103,13 +103,17 @@ def start_episode(
     return ParticleState(inner, jnp.zeros((), jnp.int32), sample_horizon(horizon_key, horizon))
 
 
-def stagger(state: ParticleState, key: PRNGKey) -> ParticleState:
-    """Truncate the (first) episode to a uniform length in [1, T], so resets are not in lockstep.
+def stagger(state: ParticleState, key: PRNGKey, stratum: jax.Array, num_strata: int) -> ParticleState:
+    """Truncate the (first) episode to a length in [1, T], so resets are not in lockstep.
 
+    Stratified: group g of G draws its offset uniformly in [g T / G, (g + 1) T / G), so the G
+    groups' resets are spread evenly over the horizon (independent uniform offsets bunch up:
+    with 8 groups, 5 often reset within a few windows and the meta-loss spikes every T/K steps).
     The params stay fresh and the optimizer sees step 0: the episode is simply shorter, which
     keeps every step's inputs honest (no pretend "already at step t" with fresh params).
     """
-    offset = jax.random.randint(key, (), 0, state.horizon)
+    u = (stratum + jax.random.uniform(key)) / num_strata
+    offset = jnp.clip(jnp.floor(u * state.horizon).astype(jnp.int32), 0, state.horizon - 1)
     return state._replace(horizon=state.horizon - offset)
 
 
@@ -217,7 +221,9 @@ def start_particles(
     )(thetas, init_keys)
     if staggered:
         stagger_keys = jax.random.split(stagger_key, num_groups)[groups]
-        particles = jax.vmap(stagger)(particles, stagger_keys)
+        particles = jax.vmap(lambda p, k, g: stagger(p, k, g, num_groups))(
+            particles, stagger_keys, jnp.asarray(groups)
+        )
     return particles
 
 

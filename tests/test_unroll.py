@@ -89,6 +89,17 @@ def test_staggered_start_spreads_first_episodes_and_groups_stay_in_lockstep():
     assert (ids[:, 0] == ids[:, 1]).all() and len(np.unique(ids[:, 0])) == groups
 
 
+def test_stagger_is_stratified_so_resets_spread_evenly_over_the_horizon():
+    groups, horizon = 8, 200
+    for seed in range(5):
+        particles = unroll.start_particles(
+            COUNTER, jax.random.key(seed), 0.0, num_groups=groups, group_size=2,
+            horizon=horizon, staggered=True, theta_axis=None,
+        )
+        offsets = horizon - np.asarray(particles.horizon)[::2]  # group g: [g T/G, (g+1) T/G)
+        assert (offsets // (horizon // groups) == np.arange(groups)).all(), offsets
+
+
 def test_group_members_share_data_keys_and_groups_differ():
     groups, size, k = 3, 4, 5
     keys = unroll.window_keys(jax.random.key(0), groups, k)
