@@ -103,7 +103,9 @@ def start_episode(
     return ParticleState(inner, jnp.zeros((), jnp.int32), sample_horizon(horizon_key, horizon))
 
 
-def stagger(state: ParticleState, key: PRNGKey, stratum: jax.Array, num_strata: int) -> ParticleState:
+def stagger(
+    state: ParticleState, key: PRNGKey, stratum: jax.Array, num_strata: int
+) -> ParticleState:
     """Truncate the (first) episode to a length in [1, T], so resets are not in lockstep.
 
     Stratified: group g of G draws its offset uniformly in [g T / G, (g + 1) T / G), so the G
