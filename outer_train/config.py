@@ -109,8 +109,9 @@ class EstimatorConfig:
     """The outer-gradient estimator (``outer_train.estimators.ESTIMATORS``) and its knobs.
 
     Each estimator has a subset of these knobs (``estimator_knobs(name)``); setting a knob the
-    chosen estimator does not have is an error. ``segment_length = 0`` means None
-    (full_bptt: no rematerialization segments).
+    chosen estimator does not have is an error. ``segment_length = 0`` means None:
+    backprop estimators pick the memory-optimal rematerialization segment (set it to the
+    horizon to turn rematerialization off).
     """
 
     name: Literal["full_bptt", "tbptt", "es", "truncated_es", "pes", "nres", "hybrid"] = "pes"
