@@ -44,12 +44,7 @@ class ES:
     shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
 
     def __post_init__(self):
-        knobs.check_int("num_tasks", self.num_tasks)
-        knobs.check_int("num_perturbations", self.num_perturbations)
-        knobs.check_horizon(self.horizon, constant=True)
-        knobs.check_sigma("sigma", self.sigma)
-        knobs.check_choice("loss_shaping", self.loss_shaping, antithetic.LOSS_SHAPINGS)
-        knobs.check_sigma("shaping_scale", self.shaping_scale)
+        knobs.check_antithetic(self, truncated=False)
 
     @property
     def inner_steps_per_estimate(self) -> int:

@@ -74,18 +74,12 @@ class Hybrid:
     segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
-        knobs.check_int("num_tasks", self.num_tasks)
-        knobs.check_int("num_perturbations", self.num_perturbations)
+        knobs.check_antithetic(self, truncated=True)
         if self.num_tasks * self.num_perturbations < 2:
             raise UserError(
                 "hybrid needs num_tasks * num_perturbations >= 2 to estimate variances, got "
                 f"{self.num_tasks} * {self.num_perturbations}"
             )
-        knobs.check_int("trunc_length", self.trunc_length)
-        knobs.check_horizon(self.horizon, trunc_length=self.trunc_length)
-        knobs.check_sigma("sigma", self.sigma)
-        knobs.check_choice("loss_shaping", self.loss_shaping, antithetic.LOSS_SHAPINGS)
-        knobs.check_sigma("shaping_scale", self.shaping_scale)
         knobs.check_segment_length(self.segment_length)
 
     @property

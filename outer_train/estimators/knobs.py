@@ -7,6 +7,7 @@ Called from each estimator's ``__post_init__`` so direct construction and ``make
 from __future__ import annotations
 
 from learned_opt.errors import UserError
+from outer_train.estimators.antithetic import LOSS_SHAPINGS
 from outer_train.unroll import Horizon
 
 
@@ -60,3 +61,18 @@ def check_segment_length(value) -> None:
     if value is not None:
         check_int("segment_length", value)
 
+
+
+def check_antithetic(estimator, *, truncated: bool) -> None:
+    """The knobs every antithetic-ES estimator shares: pairs, horizon (with K when
+    ``truncated``, else a constant T), sigma and loss-difference shaping."""
+    check_int("num_tasks", estimator.num_tasks)
+    check_int("num_perturbations", estimator.num_perturbations)
+    if truncated:
+        check_int("trunc_length", estimator.trunc_length)
+        check_horizon(estimator.horizon, trunc_length=estimator.trunc_length)
+    else:
+        check_horizon(estimator.horizon, constant=True)
+    check_sigma("sigma", estimator.sigma)
+    check_choice("loss_shaping", estimator.loss_shaping, LOSS_SHAPINGS)
+    check_sigma("shaping_scale", estimator.shaping_scale)

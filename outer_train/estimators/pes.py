@@ -60,13 +60,7 @@ class PES:
     staggered: bool = flax.struct.field(pytree_node=False, default=True)
 
     def __post_init__(self):
-        knobs.check_int("num_tasks", self.num_tasks)
-        knobs.check_int("num_perturbations", self.num_perturbations)
-        knobs.check_int("trunc_length", self.trunc_length)
-        knobs.check_horizon(self.horizon, trunc_length=self.trunc_length)
-        knobs.check_sigma("sigma", self.sigma)
-        knobs.check_choice("loss_shaping", self.loss_shaping, antithetic.LOSS_SHAPINGS)
-        knobs.check_sigma("shaping_scale", self.shaping_scale)
+        knobs.check_antithetic(self, truncated=True)
 
     @property
     def inner_steps_per_estimate(self) -> int:
