@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_opt import features
+from learned_opt import features, per_param_mlp
 from learned_opt.base import Theta
 from learned_opt.errors import UserError
 
@@ -65,101 +66,61 @@ class MLPLOptState(NamedTuple):
     step: jax.Array
 
 
-class HoistedDense(nn.Module):
-    """First layer over [per-parameter features x, shared features s] with the shared part
-    hoisted: the parameters are those of a Dense layer on the concatenated input (kernel
-    [F + S, H], bias [H]), but ``shared_bias(s) = s @ kernel[F:] + bias`` is computed once per
-    step and ``__call__(x, shared_bias) = x @ kernel[:F] + shared_bias`` once per parameter.
-    """
+class DenseParams(nn.Module):
+    """The kernel [in, out] and bias [out] of one dense layer; ``per_param_mlp`` applies them."""
 
+    in_features: int
     features: int
-    num_param_features: int
-    num_shared_features: int
+    kernel_init: Callable = nn.initializers.lecun_normal()
 
     def setup(self):
         self.kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(),
-            (self.num_param_features + self.num_shared_features, self.features), jnp.float32,
+            "kernel", self.kernel_init, (self.in_features, self.features), jnp.float32
         )
         self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
 
-    def shared_bias(self, shared: jax.Array) -> jax.Array:
-        """[S] -> [H]."""
-        return shared @ self.kernel[self.num_param_features :] + self.bias
-
-    def __call__(self, x: jax.Array, shared_bias: jax.Array) -> jax.Array:
-        """[N, F], [H] -> [N, H]. F multiply-adds per unit: XLA fuses them with the bias and
-        the following ReLU into one pass (a K = 8 matmul would be a separate, memory-bound op)."""
-        kernel = self.kernel[: self.num_param_features]
-        h = shared_bias
-        for f in range(self.num_param_features):
-            h = h + x[:, f : f + 1] * kernel[f]
-        return h
-
 
 class PerParamMLP(nn.Module):
-    """The per-parameter MLP: ReLU hidden layers, outputs [N, 2] = (direction, magnitude).
+    """The per-parameter MLP: ReLU hidden layers, outputs (direction, magnitude) -> step size.
 
-    ``shared_bias(shared)`` is the once-per-step part; ``__call__(x, shared_bias)`` maps
-    normalized per-parameter features [N, F] to the two outputs.
+    Parameters are those of Dense layers on the concatenated input [x, s] (first kernel
+    [F + S, H_0]), but the shared part is hoisted: ``shared_bias(s) = s @ kernel[F:] + bias`` is
+    computed once per step, and ``__call__(x, shared_bias)`` maps normalized per-parameter
+    features [N, F] to step sizes [N] with ``per_param_mlp.step_sizes`` (fused forward,
+    hand-written backward).
     """
 
     hidden_sizes: tuple[int, ...]
     num_param_features: int
     num_shared_features: int
     output_init_scale: float
+    exp_mult: float
+    step_mult: float
 
     def setup(self):
-        first = HoistedDense(
-            self.hidden_sizes[0], self.num_param_features, self.num_shared_features
-        )
-        self.hidden = [first] + [nn.Dense(width) for width in self.hidden_sizes[1:]]
-        self.output = nn.Dense(
-            2,
+        inputs = (self.num_param_features + self.num_shared_features, *self.hidden_sizes[:-1])
+        self.hidden = [DenseParams(i, o) for i, o in zip(inputs, self.hidden_sizes, strict=True)]
+        self.output = DenseParams(
+            self.hidden_sizes[-1], 2,
             kernel_init=nn.initializers.variance_scaling(
                 self.output_init_scale**2, "fan_in", "truncated_normal"
             ),
         )
 
     def shared_bias(self, shared: jax.Array) -> jax.Array:
-        return self.hidden[0].shared_bias(shared)
+        """[S] -> [H_0]."""
+        first = self.hidden[0]
+        return shared @ first.kernel[self.num_param_features :] + first.bias
 
     def __call__(self, x: jax.Array, shared_bias: jax.Array) -> jax.Array:
-        h = nn.relu(self.hidden[0](x, shared_bias))
-        for layer in self.hidden[1:]:
-            h = nn.relu(layer(h))
-        return self.output(h)
-
-
-# Rows per tile when P_total is large: the [tile, 32] intermediates (2 MiB) stay in cache
-# instead of streaming [P_total, 32] arrays through DRAM once per layer. Under vmap a tile
-# holds tile * num_particles rows; 16384 favours single large models (784-256-256-10) over
-# medium models vmapped over many particles, which would prefer ~4096 (measured on 2 cores).
-ROW_TILE = 16384
-
-
-def _map_row_tiles(fn, x: jax.Array, tile: int | None = None) -> jax.Array:
-    """``fn`` over row tiles of ``x`` [N, F] -> [N]; ``fn`` maps [T, F] -> [T] row by row.
-
-    N <= ``tile`` (default ``ROW_TILE``) is a single call. Otherwise the tiles are near-equal
-    and visited sequentially (fori_loop); the last one is shifted back to end at row N,
-    recomputing a few rows with identical results, so nothing is padded or copied.
-    """
-    tile = ROW_TILE if tile is None else tile
-    n = x.shape[0]
-    if n <= tile:
-        return fn(x)
-    num_tiles = -(-n // tile)
-    tile = -(-n // (num_tiles * 8)) * 8  # ceil(n / num_tiles), rounded up to 8 rows
-    if tile >= n:
-        return fn(x)
-
-    def body(i, out):
-        start = jnp.minimum(i * tile, n - tile)
-        rows = jax.lax.dynamic_slice_in_dim(x, start, tile)
-        return jax.lax.dynamic_update_slice_in_dim(out, fn(rows), start, axis=0)
-
-    return jax.lax.fori_loop(0, num_tiles, body, jnp.zeros((n,), x.dtype))
+        weights = per_param_mlp.Weights(
+            first=self.hidden[0].kernel[: self.num_param_features],
+            hidden=tuple((layer.kernel, layer.bias) for layer in self.hidden[1:]),
+            out_kernel=self.output.kernel,
+            out_bias=self.output.bias,
+        )
+        scales = per_param_mlp.Scales(self.exp_mult, self.step_mult)
+        return per_param_mlp.step_sizes(weights, x, shared_bias, scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +202,7 @@ class MLPLOpt:
     def _module(self) -> PerParamMLP:
         return PerParamMLP(
             self.hidden_sizes, self.num_param_features, len(self.time_scales),
-            self.init_output_scale,
+            self.init_output_scale, self.exp_mult, self.step_mult,
         )
 
     def _descent_input(self) -> int:
@@ -326,13 +287,7 @@ class MLPLOpt:
             variables = {"params": theta}
             shared = features.time_features(state.step, self.time_scales)  # [S]
             shared_bias = module.apply(variables, shared, method=PerParamMLP.shared_bias)
-
-            def step_size(x_tile: jax.Array) -> jax.Array:  # [N, F] -> [N]
-                out = module.apply(variables, x_tile, shared_bias)
-                direction, magnitude = out[:, 0], out[:, 1]
-                return direction * jnp.exp(magnitude * self.exp_mult) * self.step_mult
-
-            step = _map_row_tiles(step_size, x)
+            step = module.apply(variables, x, shared_bias)  # [P]
             # int32 step: overflows after 2**31 updates, far beyond any horizon here.
             return features.unflatten(layout, -step), MLPLOptState(momenta, state.step + 1)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from learned_opt import MLPLOpt, MLPLOptState, UserError, mlp_lopt
+from learned_opt import MLPLOpt, MLPLOptState, UserError, per_param_mlp
 from learned_opt.features import time_features
 
 SHAPES = {"a": (7, 5), "b": (5,), "c": (), "d": (3, 2, 4)}
@@ -114,14 +116,47 @@ def test_matches_naive_reference(lopt):
         params = optax.apply_updates(params, updates)
 
 
-def test_row_tiles_match_one_pass(monkeypatch):
-    """Large P_total runs the MLP over row tiles; the result must not depend on the tiling."""
-    x = np.random.default_rng(0).standard_normal((101, 3)).astype(np.float32)
-    fn = lambda rows: rows.sum(1) * (rows**2).sum(1)
-    for tile in (1, 8, 16, 50, 100, 101, 1000):
-        np.testing.assert_allclose(mlp_lopt._map_row_tiles(fn, x, tile), fn(x), rtol=1e-6)
-    # end to end: 65 params in tiles of 16 rows vs the naive reference
-    monkeypatch.setattr(mlp_lopt, "ROW_TILE", 16)
+def _plain_step_sizes(w, x, c, scales):
+    """per_param_mlp.step_sizes written the obvious way, differentiated by JAX itself."""
+    h = jax.nn.relu(x @ w.first + c)
+    for kernel, bias in w.hidden:
+        h = jax.nn.relu(h @ kernel + bias)
+    out = h @ w.out_kernel + w.out_bias
+    return out[:, 0] * jnp.exp(out[:, 1] * scales.exp_mult) * scales.step_mult
+
+
+@pytest.mark.parametrize("tile", [1000, 16, 50])
+def test_per_param_mlp_kernel_and_its_backward(monkeypatch, tile):
+    """The fused kernel and its hand-written VJP equal plain JAX autodiff, for one model and
+    vmapped over particles with shared weights (TBPTT) -- tiled (16, 50 rows: the last tile is
+    shifted back over the previous one) and not (1000)."""
+    monkeypatch.setattr(per_param_mlp, "ROW_TILE", tile)
+    rng = np.random.default_rng(0)
+    r = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
+    sizes = (6, 5, 4)
+    w = per_param_mlp.Weights(
+        r(8, 6), tuple((r(a, b), r(b)) for a, b in itertools.pairwise(sizes)), r(4, 2), r(2)
+    )
+    scales = per_param_mlp.Scales(exp_mult=0.1, step_mult=0.01)
+    x, c, cotangent = r(101, 8), r(6), r(101)
+    fused = lambda w, x, c: per_param_mlp.step_sizes(w, x, c, scales)
+    plain = lambda w, x, c: _plain_step_sizes(w, x, c, scales)
+    np.testing.assert_allclose(fused(w, x, c), plain(w, x, c), rtol=1e-5, atol=1e-9)
+    grads = jax.vjp(fused, w, x, c)[1](cotangent)
+    expected = jax.vjp(plain, w, x, c)[1](cotangent)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    xs, cotangents = jnp.stack([x, 2 * x]), jnp.stack([cotangent, -cotangent])
+    batched = lambda f: (lambda w, xs: jax.vmap(lambda x: f(w, x, c))(xs))
+    grads = jax.vjp(batched(fused), w, xs)[1](cotangents)
+    expected = jax.vjp(batched(plain), w, xs)[1](cotangents)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_row_tiles_match_the_reference(monkeypatch):
+    """65 params in tiles of 16 rows vs the naive reference."""
+    monkeypatch.setattr(per_param_mlp, "ROW_TILE", 16)
     lopt = MLPLOpt()
     theta = _random_theta(lopt, seed=3)
     tx = lopt.opt_fn(theta)
@@ -136,7 +171,7 @@ def test_row_tiles_match_one_pass(monkeypatch):
 def test_differentiable_in_theta(monkeypatch):
     """Meta-gradients flow through the update (tiles included): reverse mode matches a central
     finite difference along a random direction."""
-    monkeypatch.setattr(mlp_lopt, "ROW_TILE", 16)
+    monkeypatch.setattr(per_param_mlp, "ROW_TILE", 16)
     lopt = MLPLOpt()
     theta = _random_theta(lopt, seed=6)
     params, grads = _tree(seed=7), [_tree(seed=8 + t) for t in range(3)]
