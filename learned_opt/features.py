@@ -81,8 +81,16 @@ def check_same_layout(layout: FlatLayout, tree: Any, what: str) -> None:
 
 
 def flatten(layout: FlatLayout, tree: Any) -> jax.Array:
-    """Concatenate the raveled leaves of ``tree`` (laid out as ``layout``): float32 [P_total]."""
-    return jnp.concatenate([leaf.reshape(-1) for leaf in jax.tree.leaves(tree)])
+    """The raveled leaves of ``tree`` (laid out as ``layout``) end to end: float32 [P_total].
+
+    Written as in-place slice updates of one buffer (a copy per leaf): XLA's CPU backend emits
+    a 1-D ``concatenate`` of differently sized operands as a slow per-element loop (measured
+    10x slower on the 784-256-256-10 MLP's leaves).
+    """
+    flat = jnp.zeros((layout.total,), jnp.float32)
+    for leaf, offset in zip(jax.tree.leaves(tree), layout.offsets, strict=True):
+        flat = jax.lax.dynamic_update_slice(flat, leaf.reshape(-1).astype(jnp.float32), (offset,))
+    return flat
 
 
 def unflatten(layout: FlatLayout, flat: jax.Array) -> Any:
