@@ -83,14 +83,11 @@ def check_same_layout(layout: FlatLayout, tree: Any, what: str) -> None:
 def flatten(layout: FlatLayout, tree: Any) -> jax.Array:
     """The raveled leaves of ``tree`` (laid out as ``layout``) end to end: float32 [P_total].
 
-    Written as in-place slice updates of one buffer (a copy per leaf): XLA's CPU backend emits
-    a 1-D ``concatenate`` of differently sized operands as a slow per-element loop (measured
-    10x slower on the 784-256-256-10 MLP's leaves).
+    Concatenated as [n, 1] columns: XLA's CPU backend emits a 1-D ``concatenate`` of differently
+    sized operands as a slow per-element loop (9x slower on the 784-256-256-10 MLP's leaves),
+    and slice updates of one buffer turn into scatters under vmap.
     """
-    flat = jnp.zeros((layout.total,), jnp.float32)
-    for leaf, offset in zip(jax.tree.leaves(tree), layout.offsets, strict=True):
-        flat = jax.lax.dynamic_update_slice(flat, leaf.reshape(-1).astype(jnp.float32), (offset,))
-    return flat
+    return jnp.concatenate([leaf.reshape(-1, 1) for leaf in jax.tree.leaves(tree)])[:, 0]
 
 
 def unflatten(layout: FlatLayout, flat: jax.Array) -> Any:
@@ -107,25 +104,90 @@ def segments(layout: FlatLayout, x: jax.Array) -> list[jax.Array]:
     return [x[o : o + n] for o, n in zip(layout.offsets, layout.sizes, strict=True)]
 
 
-def segment_rms_scale(layout: FlatLayout, x: jax.Array, eps: float) -> jax.Array:
-    """Per-tensor second-moment normalizers: [P_total, F] -> [num_segments, F].
+def _normalized_blocks(layout: FlatLayout, columns: list[jax.Array], eps: float):
+    """Per leaf: (rows [n, F] unnormalized, scale [F]) from [P_total, k] column blocks."""
+    out = []
+    for o, n in zip(layout.offsets, layout.sizes, strict=True):
+        parts = [c[o : o + n] for c in columns]
+        mean_sq = jnp.concatenate([jnp.mean(jnp.square(part), axis=0) for part in parts])
+        out.append((jnp.concatenate(parts, axis=1), jax.lax.rsqrt(mean_sq + eps)))
+    return out
 
-    scale[l, f] = 1 / sqrt(mean_{p in leaf l} x[p, f]**2 + eps), so ``x * scale[leaf(p)]`` is
-    the normalized feature. Static slices, not a scatter: a leaf is a contiguous row block and
-    there are few leaves, so XLA emits one small reduction per leaf.
-    """
-    mean_sq = jnp.stack([jnp.mean(jnp.square(block), axis=0) for block in segments(layout, x)])
-    return jax.lax.rsqrt(mean_sq + eps)
 
-
-def scale_segments(layout: FlatLayout, x: jax.Array, scale: jax.Array) -> jax.Array:
-    """Row p of ``x`` [P_total, F] times ``scale[leaf(p)]`` ([num_segments, F]) -> [P_total, F].
-
-    A concatenation of per-leaf products (one fused pass), not a gather by a [P_total] index
-    constant.
-    """
-    blocks = [block * scale[i] for i, block in enumerate(segments(layout, x))]
+def _concat_rows(blocks: list[jax.Array]) -> jax.Array:
     return jnp.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _one_minus(decays: Sequence[float]) -> np.ndarray:
+    # 1 - decay in float64 first: float32(1 - float32(0.9999)) is off by 1.7e-4 relative.
+    return (1.0 - np.asarray(decays, np.float64)).astype(np.float32)
+
+
+def _columns(g, params, momenta, decays):
+    """(new momenta [P, D], the feature columns [g, params, new momenta] as [P, k] blocks)."""
+    new_momenta = momenta * np.asarray(decays, np.float32) + g[:, None] * _one_minus(decays)
+    columns = [g[:, None]] + ([params[:, None]] if params is not None else []) + [new_momenta]
+    return new_momenta, columns
+
+
+def momenta_and_features(
+    layout: FlatLayout,
+    g: jax.Array,
+    params: jax.Array | None,
+    momenta: jax.Array,
+    decays: Sequence[float],
+    eps: float,
+) -> tuple[jax.Array, jax.Array]:
+    """One step of the per-parameter inputs: (features x [P_total, F], new momenta [P_total, D]).
+
+    g, params: float32 [P_total] (params None: not a feature); momenta: [P_total, D].
+        m_i <- decay_i * m_i + (1 - decay_i) * g
+        x    = [g, params, m_1 .. m_D], each column divided by its per-tensor RMS:
+               c_f[p] / sqrt(mean_{q in leaf(p)} c_f[q]**2 + eps).
+    The second moments come from the columns themselves (one small reduction per leaf and
+    column: static slices, few leaves), and x is written once, leaf block by leaf block,
+    already scaled. ``momenta_and_features_vjp`` is its VJP, written by hand.
+    """
+    new_momenta, columns = _columns(g, params, momenta, decays)
+    blocks = [rows * scale for rows, scale in _normalized_blocks(layout, columns, eps)]
+    return _concat_rows(blocks), new_momenta
+
+
+def momenta_and_features_vjp(
+    layout: FlatLayout,
+    g: jax.Array,
+    params: jax.Array | None,
+    momenta: jax.Array,
+    decays: Sequence[float],
+    eps: float,
+    dx: jax.Array,
+    d_new_momenta: jax.Array,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """Cotangents (dg, dparams or None, d momenta) of ``momenta_and_features`` at (g, params,
+    momenta) for output cotangents (dx, d_new_momenta); recomputes the forward pass.
+
+    JAX's own transpose of the forward turns the momentum broadcast into a reduction over D
+    that XLA's CPU backend runs slowly, and saves every leaf's slices as separate residuals.
+    """
+    _, columns = _columns(g, params, momenta, decays)
+    # x = c * s with s = (mean(c^2) + eps)^(-1/2) per leaf and column:
+    # dc = dx * s - c * s^3 * mean(dx * c)
+    dcs = []
+    for (rows, scale), dx_block in zip(
+        _normalized_blocks(layout, columns, eps), segments(layout, dx), strict=True
+    ):
+        mean_dx_c = jnp.mean(dx_block * rows, axis=0)
+        dcs.append(dx_block * scale - rows * (scale**3 * mean_dx_c))
+    dc = _concat_rows(dcs)  # [P, F]
+    first_momentum = 1 + int(params is not None)
+    dm = d_new_momenta + dc[:, first_momentum:]
+    # the sum over the D decays as explicit column adds (XLA fuses them; a reduce is slow)
+    one_minus = _one_minus(decays)
+    dg = dc[:, 0]
+    for i in range(len(decays)):
+        dg = dg + dm[:, i] * one_minus[i]
+    dparams = dc[:, 1] if params is not None else None
+    return dg, dparams, dm * np.asarray(decays, np.float32)
 
 
 def time_features(step: jax.Array, time_scales: Sequence[float]) -> jax.Array:

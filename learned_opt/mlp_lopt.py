@@ -112,15 +112,53 @@ class PerParamMLP(nn.Module):
         first = self.hidden[0]
         return shared @ first.kernel[self.num_param_features :] + first.bias
 
-    def __call__(self, x: jax.Array, shared_bias: jax.Array) -> jax.Array:
-        weights = per_param_mlp.Weights(
+    def weights(self) -> per_param_mlp.Weights:
+        """The per-parameter part of the weights, as ``per_param_mlp`` takes them."""
+        return per_param_mlp.Weights(
             first=self.hidden[0].kernel[: self.num_param_features],
             hidden=tuple((layer.kernel, layer.bias) for layer in self.hidden[1:]),
             out_kernel=self.output.kernel,
             out_bias=self.output.bias,
         )
+
+    def __call__(self, x: jax.Array, shared_bias: jax.Array) -> jax.Array:
         scales = per_param_mlp.Scales(self.exp_mult, self.step_mult)
-        return per_param_mlp.step_sizes(weights, x, shared_bias, scales)
+        return per_param_mlp.step_sizes(self.weights(), x, shared_bias, scales)
+
+
+def _per_param_update(layout: features.FlatLayout, decays, eps: float, scales):
+    """The per-parameter part of one MLPLOpt update as ONE custom VJP:
+    (weights, shared_bias, g, params or None, momenta) -> (step sizes [P], new momenta [P, D]).
+
+    It saves only its inputs (the flat gradient, params and old momenta: what backprop through
+    an unroll stores per step) and recomputes features and activations in the backward pass,
+    which chains the two hand-written VJPs (``per_param_mlp.backward``,
+    ``features.momenta_and_features_vjp``).
+    """
+
+    def forward(weights, shared_bias, g, params, momenta):
+        x, new_momenta = features.momenta_and_features(layout, g, params, momenta, decays, eps)
+        return per_param_mlp.forward(weights, x, shared_bias, scales), new_momenta
+
+    @jax.custom_vjp
+    def update(weights, shared_bias, g, params, momenta):
+        return forward(weights, shared_bias, g, params, momenta)
+
+    def update_fwd(*inputs):
+        return forward(*inputs), inputs
+
+    def update_bwd(inputs, cotangents):
+        weights, shared_bias, g, params, momenta = inputs
+        d_step, d_new_momenta = cotangents
+        x, _ = features.momenta_and_features(layout, g, params, momenta, decays, eps)
+        dw, dx, d_shared_bias = per_param_mlp.backward(weights, x, shared_bias, scales, d_step)
+        dg, dparams, dmomenta = features.momenta_and_features_vjp(
+            layout, g, params, momenta, decays, eps, dx, d_new_momenta
+        )
+        return dw, d_shared_bias, dg, dparams, dmomenta
+
+    update.defvjp(update_fwd, update_bwd)
+    return update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,9 +286,7 @@ class MLPLOpt:
         unused. All leaves must be float32. State: ``MLPLOptState``.
         """
         module = self._module()
-        decays = np.asarray(self.decays, np.float32)
-        # 1 - decay in float64 first: float32(1 - float32(0.9999)) is off by 1.7e-4 relative.
-        one_minus_decays = (1.0 - np.asarray(self.decays, np.float64)).astype(np.float32)
+        scales = per_param_mlp.Scales(self.exp_mult, self.step_mult)
 
         def init_fn(params: Any) -> MLPLOptState:
             layout = features.flat_layout(params)
@@ -271,23 +307,20 @@ class MLPLOpt:
                     f"have {layout.total} elements; call init(params) with these params"
                 )
             g = features.flatten(layout, grads)
-            momenta = state.momenta * decays + g[:, None] * one_minus_decays  # [P, D]
-            columns = [g[:, None]]
+            flat_params = None
             if self.use_params:
                 if params is None:
                     raise UserError(
                         "MLPLOpt reads the parameter values: call update(grads, state, params)"
                     )
                 features.check_same_layout(layout, params, "params")
-                columns.append(features.flatten(layout, params)[:, None])
-            columns.append(momenta)
-            x = jnp.concatenate(columns, axis=1)  # [P, F]
-            scales = features.segment_rms_scale(layout, x, self.norm_eps)  # [L, F]
-            x = features.scale_segments(layout, x, scales)
+                flat_params = features.flatten(layout, params)
             variables = {"params": theta}
             shared = features.time_features(state.step, self.time_scales)  # [S]
             shared_bias = module.apply(variables, shared, method=PerParamMLP.shared_bias)
-            step = module.apply(variables, x, shared_bias)  # [P]
+            weights = module.apply(variables, method=PerParamMLP.weights)
+            update = _per_param_update(layout, self.decays, self.norm_eps, scales)
+            step, momenta = update(weights, shared_bias, g, flat_params, state.momenta)
             # int32 step: overflows after 2**31 updates, far beyond any horizon here.
             return features.unflatten(layout, -step), MLPLOptState(momenta, state.step + 1)
 

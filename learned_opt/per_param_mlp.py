@@ -1,6 +1,6 @@
 """The per-parameter MLP of MLPLOpt as one kernel with a hand-written backward pass.
 
-``step_sizes(weights, x, shared_bias, scales)`` maps normalized per-parameter features
+``forward(weights, x, shared_bias, scales)`` maps normalized per-parameter features
 x [N, F] to step sizes [N]:
 
     h_0 = relu(x @ W_x + c)              c = shared_bias [H_0] (time features, hoisted)
@@ -8,14 +8,18 @@ x [N, F] to step sizes [N]:
     (d, m) = h_{L-1} @ W_out + b_out
     step = d * exp(m * exp_mult) * step_mult
 
-Why a custom VJP: meta-training backpropagates through this millions of times (TBPTT, full
-backprop, hybrid), and JAX's automatic transpose of it is slow on CPU: the F-input first layer
-(F multiply-adds per unit, the fast forward) transposes into F separate reductions, the 2-output
+``backward`` is its VJP, written by hand; ``step_sizes`` is ``forward`` with ``backward`` as
+its custom VJP. (MLPLOpt chains ``backward`` with the feature computation's hand-written VJP
+into one custom VJP for its whole update, see ``mlp_lopt._per_param_update``.)
+
+Why by hand: meta-training backpropagates through this millions of times (TBPTT, full backprop,
+hybrid), and JAX's automatic transpose of it is slow on CPU: the F-input first layer (F
+multiply-adds per unit, the fast forward) transposes into F separate reductions, the 2-output
 layer into a badly shaped dot, and every ReLU stores a boolean mask as a residual. Here the
-backward is written as three kinds of ops XLA runs well -- [N, H] x [H, H] matmuls, one fused
-elementwise pass per layer, column sums -- and saves only x: the activations are recomputed
-in the backward pass (one more [N, H] x [H, H] matmul per hidden layer, cheaper on CPU than
-writing and re-reading [N, H] activations per layer per step).
+backward is written as ops XLA runs well -- [N, H] x [H, H] matmuls, matrix-vector products,
+one fused elementwise pass per layer, column sums -- and saves only x: the activations are
+recomputed in the backward pass (one more [N, H] x [H, H] matmul per hidden layer, cheaper on
+CPU than writing and re-reading [N, H] activations per layer per step).
 
 Large N (one big model, or many particles' models at once) runs over row tiles (``ROW_TILE``)
 so the [tile, H] intermediates stay in cache; the backward pass tiles the same way and sums the
@@ -123,9 +127,8 @@ def _tile_start(i, rows: int, n: int):
     return jnp.minimum(i * rows, n - rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def step_sizes(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
-    """Step sizes [N] of rows x [N, F] (see the module docstring)."""
+def forward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
+    """Step sizes [N] of rows x [N, F] (see the module docstring); row tiles when N is large."""
     n = x.shape[0]
     num_tiles, rows = _tiling(n, ROW_TILE)
     if num_tiles == 1:
@@ -139,12 +142,9 @@ def step_sizes(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales)
     return lax.fori_loop(0, num_tiles, body, jnp.zeros((n,), x.dtype))
 
 
-def _step_sizes_fwd(w, x, shared_bias, scales):
-    return step_sizes(w, x, shared_bias, scales), (w, x, shared_bias)
-
-
-def _step_sizes_bwd(scales, residuals, g):
-    w, x, shared_bias = residuals
+def backward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales, g: jax.Array):
+    """Cotangents (d weights, dx [N, F], d shared_bias [H_0]) of ``forward`` for the step
+    cotangent g [N]; the activations are recomputed, tile by tile."""
     n = x.shape[0]
     num_tiles, rows = _tiling(n, ROW_TILE)
     if num_tiles == 1:
@@ -166,6 +166,20 @@ def _step_sizes_bwd(scales, residuals, g):
 
     zeros = (jax.tree.map(jnp.zeros_like, w), jnp.zeros_like(x), jnp.zeros_like(shared_bias))
     return lax.fori_loop(0, num_tiles, body, zeros)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def step_sizes(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
+    """``forward`` with ``backward`` as its VJP (saves only the inputs)."""
+    return forward(w, x, shared_bias, scales)
+
+
+def _step_sizes_fwd(w, x, shared_bias, scales):
+    return forward(w, x, shared_bias, scales), (w, x, shared_bias)
+
+
+def _step_sizes_bwd(scales, residuals, g):
+    return backward(*residuals, scales, g)
 
 
 step_sizes.defvjp(_step_sizes_fwd, _step_sizes_bwd)

@@ -269,3 +269,95 @@ def test_input_errors_are_user_errors():
         MLPLOpt(decays=(0.9, 1.0))
     with pytest.raises(UserError, match="hidden_sizes"):
         MLPLOpt(hidden_sizes=())
+
+
+@pytest.mark.parametrize("use_params", [True, False])
+def test_momenta_and_features_backward(use_params):
+    """The hand-written VJP of momenta + per-tensor normalization equals JAX's own autodiff of
+    the plain formulas (float32, leaves of very different scales). The whole update's VJP
+    (features chained with the MLP kernel) is checked end to end by
+    test_differentiable_in_theta and the estimator tests (TBPTT = full backprop = FD)."""
+    from learned_opt import features
+
+    tree = _tree(seed=11)
+    layout = features.flat_layout(tree)
+    rng = np.random.default_rng(12)
+    flat = lambda seed: features.flatten(layout, _tree(seed=seed))
+    g, p = flat(13), (flat(14) if use_params else None)
+    momenta = jnp.asarray(rng.standard_normal((layout.total, 3)), jnp.float32)
+    decays, eps = (0.1, 0.9, 0.999), 1e-5
+
+    def plain(g, p, momenta):
+        new = momenta * np.asarray(decays, np.float32) + g[:, None] * (1 - np.asarray(decays))
+        cols = jnp.concatenate([g[:, None]] + ([p[:, None]] if use_params else []) + [new], 1)
+        blocks = features.segments(layout, cols)
+        blocks = [b / jnp.sqrt(jnp.mean(b**2, axis=0) + eps) for b in blocks]
+        return jnp.concatenate(blocks), new
+
+    forward = features.momenta_and_features(layout, g, p, momenta, decays, eps)
+    for a, b in zip(forward, plain(g, p, momenta), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    cotangents = (
+        jnp.asarray(rng.standard_normal((layout.total, 2 + use_params + 2)), jnp.float32),
+        jnp.asarray(rng.standard_normal((layout.total, 3)), jnp.float32),
+    )
+    grads = features.momenta_and_features_vjp(layout, g, p, momenta, decays, eps, *cotangents)
+    expected = jax.vjp(plain, g, p, momenta)[1](cotangents)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_update_backward_matches_plain_autodiff(monkeypatch):
+    """The whole update's hand-written VJP (features chained with the MLP kernel, tiled) against
+    JAX's autodiff of the same formulas written plainly: gradients of a random linear function
+    of (updates, new momenta) w.r.t. theta, grads, params and the old momenta."""
+    from learned_opt import features
+
+    monkeypatch.setattr(per_param_mlp, "ROW_TILE", 16)
+    lopt = MLPLOpt()
+    theta = _random_theta(lopt, seed=21)
+    params, grads = _tree(seed=22), _tree(seed=23)
+    layout = features.flat_layout(params)
+    rng = np.random.default_rng(24)
+    momenta = jnp.asarray(rng.standard_normal((layout.total, 6)), jnp.float32)
+    r_update = _tree(seed=25)
+    r_momenta = jnp.asarray(rng.standard_normal(momenta.shape), jnp.float32)
+    step = jnp.int32(7)
+
+    def objective(update_fn, theta, grads, params, momenta):
+        updates, new_momenta = update_fn(theta, grads, params, momenta)
+        linear = sum(jnp.vdot(u, r) for u, r in zip(jax.tree.leaves(updates),
+                                                     jax.tree.leaves(r_update), strict=True))
+        return 1e3 * linear + jnp.vdot(new_momenta, r_momenta)
+
+    def fused(theta, grads, params, momenta):
+        updates, state = lopt.opt_fn(theta).update(grads, MLPLOptState(momenta, step), params)
+        return updates, state.momenta
+
+    def plain(theta, grads, params, momenta):
+        g, p = features.flatten(layout, grads), features.flatten(layout, params)
+        decays = np.asarray(lopt.decays, np.float32)
+        new = momenta * decays + g[:, None] * (1 - np.asarray(lopt.decays)).astype(np.float32)
+        cols = jnp.concatenate([g[:, None], p[:, None], new], 1)
+        blocks = [b / jnp.sqrt(jnp.mean(b**2, axis=0) + lopt.norm_eps)
+                  for b in features.segments(layout, cols)]
+        x = jnp.concatenate(blocks)
+        s = features.time_features(step, lopt.time_scales)
+        h = jnp.concatenate([x, jnp.broadcast_to(s, (x.shape[0], s.shape[0]))], 1)
+        for i in range(len(lopt.hidden_sizes)):
+            layer = theta[f"hidden_{i}"]
+            h = jax.nn.relu(h @ layer["kernel"] + layer["bias"])
+        out = h @ theta["output"]["kernel"] + theta["output"]["bias"]
+        size = out[:, 0] * jnp.exp(out[:, 1] * lopt.exp_mult) * lopt.step_mult
+        return features.unflatten(layout, -size), new
+
+    args = (theta, grads, params, momenta)
+    value, grads_fused = jax.value_and_grad(objective, argnums=(1, 2, 3, 4))(fused, *args)
+    expected_value, grads_plain = jax.value_and_grad(objective, argnums=(1, 2, 3, 4))(plain, *args)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for fused_arg, plain_arg in zip(grads_fused, grads_plain, strict=True):
+        # per argument: a scalar leaf's normalization derivative, eps / (c^2 + eps)^1.5, is
+        # float32 cancellation noise on either side, so tolerances use the argument's scale
+        scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(plain_arg))
+        for a, b in zip(jax.tree.leaves(fused_arg), jax.tree.leaves(plain_arg), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * scale)
