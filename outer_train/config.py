@@ -149,15 +149,20 @@ class MetaOptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Length, seed and logging cadence of the outer loop.
+    """Length, seed, devices and logging cadence of the outer loop.
 
     ``max_skipped_in_a_row``: consecutive non-finite meta-gradients after which the run stops
-    with an error (each one skips its update and is counted; see meta_train)."""
+    with an error (each one skips its update and is counted; see meta_train).
+    ``devices``: how many devices the particles are split over (the estimator state's leading
+    axis; 0 = all local devices, 1 = no split). On CPU the ``learned-opt`` command makes one
+    XLA device per core, so 0 uses every core (not part of the trajectory: only float rounding
+    of the particle mean may change with it)."""
 
     seed: int = _field(0, lo=0, hi=2**31 - 1)
     num_outer_steps: int = _field(1000, lo=1, hi=10_000_000)
     log_every: int = _field(1, lo=1, hi=10_000_000)
     max_skipped_in_a_row: int = _field(20, lo=1, hi=10_000_000)
+    devices: int = _field(0, lo=0, hi=65_536)
 
 
 @dataclasses.dataclass(frozen=True)

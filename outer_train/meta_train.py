@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from learned_opt.base import LearnedOptimizer, Theta
@@ -37,6 +38,7 @@ from learned_opt.errors import UserError
 from outer_train import checkpoint
 from outer_train.config import LOptConfig, MetaOptConfig, MetaTrainConfig, to_toml
 from outer_train.logging import MetricsLogger, truncate_after
+from outer_train.unroll import shard_particles
 from tasks.base import Task
 from tasks.meta_loss import all_finite
 
@@ -301,6 +303,7 @@ def meta_train(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    mesh = particle_mesh(config.run.devices)  # a bad device count fails before any compute
     t_build = time.perf_counter()
     setup = build(config)
     state = init_state(setup)
@@ -313,6 +316,9 @@ def meta_train(
         else:
             state, resumed_from = restored.state, restored.outer_step
             log(f"resuming from {restored.path} (outer step {resumed_from})")
+    if mesh is not None:
+        state = state._replace(estimator_states=shard_particles(state.estimator_states, mesh))
+        log(f"particles split over {mesh.size} devices")
     start = int(state.outer_step)
     (out_dir / "config.toml").write_text(to_toml(config))  # after a compatible restore only
     truncate_after(out_dir / "metrics.jsonl", start)
@@ -351,6 +357,23 @@ def meta_train(
             out_dir, config, evaluator.final_results(), resumed_from=resumed_from
         )
     return MetaTrainResult(state, out_dir, optimizer_path, summary_path, resumed_from)
+
+
+def particle_mesh(devices: int) -> jax.sharding.Mesh | None:
+    """The mesh the particles are split over (``run.devices``; 0 = all local devices), or None
+    for a single device. The jitted outer step then runs partitioned (GSPMD): each device
+    steps its share of the particles, and the particle means are reduced across devices."""
+    available = jax.local_devices()
+    n = len(available) if devices == 0 else devices
+    if n > len(available):
+        raise UserError(
+            f"run.devices = {devices} but JAX sees {len(available)} device(s); use 0 (all) or "
+            f"fewer. On CPU, learned-opt makes one device per core; from Python set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before importing JAX"
+        )
+    if n <= 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(available[:n]), ("particles",))
 
 
 def _save_optimizer(path: Path, lopt: LearnedOptimizer, theta: Theta) -> None:
