@@ -1,6 +1,6 @@
 """Benchmark the outer-gradient estimators on the standard meta-training workload.
 
-    python -m bench.estimators [--estimators pes,tbptt,...] [--devices 1] [--out FILE]
+    python -m bench.estimators [--estimators pes,tbptt,...] [--devices 0] [--out FILE]
 
 Standard workload: digits 8x8, MLP 64-32-32-10 ReLU (hidden (32, 32)), batch 128, default
 MLPLOpt, 8 antithetic pairs (16 particle unrolls) or 8 tasks for backprop estimators, K = 20,
@@ -26,9 +26,11 @@ same process, same load) and reports:
 
 Full backprop is also run at T = 100, 1000, 2000 (memory grows like sqrt(T) with the segmented
 rematerialization). ``--devices N`` splits the host CPU into N XLA devices
-(``--xla_force_host_platform_device_count``) and shards the estimator state's leading particle
-axis over them (``outer_train.unroll.shard_particles``; the estimator code is unchanged, GSPMD
-partitions the vmapped unroll). Prints one JSON object (and writes it to ``--out``).
+(``--xla_force_host_platform_device_count``) and the estimator state's leading particle axis
+over them (``meta_train.particle_mesh`` + ``unroll.shard_particles``: the estimator code is
+unchanged, GSPMD partitions the vmapped unroll). The default, 0, is what ``learned-opt
+meta-train`` does (``run.devices = 0``): one device per core; ``--devices 1`` is one device
+whose ops XLA parallelizes internally. Prints one JSON object (and writes it to ``--out``).
 """
 
 from __future__ import annotations
@@ -111,7 +113,12 @@ def _rss_mb() -> float:
 
 
 def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -> dict:
-    if devices > 1:  # before JAX initializes its backends
+    # before JAX initializes its backends
+    if devices == 0:  # as `learned-opt meta-train` does: one XLA CPU device per core
+        from learned_opt.cli import split_host_into_devices
+
+        split_host_into_devices()
+    elif devices > 1:
         flag = f"--xla_force_host_platform_device_count={devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     import jax
@@ -119,6 +126,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
 
     from learned_opt.mlp_lopt import MLPLOpt
     from outer_train.estimators import make_estimator
+    from outer_train.meta_train import particle_mesh
     from outer_train.problem import LearnedOptProblem
     from outer_train.unroll import shard_particles
     from tasks.image_mlp import STANDARD_PRESET, preset
@@ -142,8 +150,8 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     key = jax.random.key(1)
     init_key, key = jax.random.split(key)
     state = jax.jit(est.init)(init_key, theta)
-    if devices > 1:
-        mesh = jax.sharding.Mesh(jax.devices()[:devices], ("particles",))
+    mesh = particle_mesh(devices)  # the same split as meta-train's run.devices
+    if mesh is not None:
         state = shard_particles(state, mesh)
     opt_state = meta_opt.init(theta)
     t0 = time.perf_counter()
@@ -170,7 +178,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     result = {
         "config": config_name,
         "estimator": estimator_name,
-        "devices": devices,
+        "devices": 1 if mesh is None else mesh.size,
         "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()},
         "inner_steps_per_estimate": est.inner_steps_per_estimate,
         "steps_per_s": steps,
@@ -199,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outer-steps", type=int, default=10,
                         help="timed outer steps per repeat (full backprop T >= 1000: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="shard the particle axis over this many host CPU devices")
+    parser.add_argument("--devices", type=int, default=0,
+                        help="split the particles over this many host CPU devices (default 0: "
+                             "one per core, as learned-opt meta-train does; 1: no split)")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -16,13 +16,19 @@ meta-parameters (19*32+32 + 32*32+32 + 32*2+2).
 How it is made fast (it runs millions of times inside meta-training, vmapped over particles):
   * All parameter tensors are ONE flat [P_total] vector (``features.FlatLayout``); the MLP is one
     chain over [P_total, ...] matrices, not one per leaf. Per-tensor second moments are
-    segment statistics (one small reduction per leaf, static slices).
+    segment statistics (one small reduction per leaf and feature, static slices), and the
+    feature matrix is written once, already normalized (``features.momenta_and_features``).
   * Time features are the same for every parameter, so their first-layer contribution
     ``s @ W0[F:] + b0`` is a [H0] bias computed once per step (hoisted).
   * Momenta live in one float32 [P_total, D] array updated by one fused elementwise op.
   * The first layer (F = 8 inputs) is F multiply-adds per unit, fused by XLA with its bias and
-    ReLU into one pass; the other layers are matmuls. When P_total > ``ROW_TILE`` the chain runs
-    over row tiles (a fori_loop) so its [tile, 32] intermediates stay in cache.
+    ReLU into one pass; the other layers are matmuls (``per_param_mlp``). When P_total exceeds
+    ``per_param_mlp.ROW_TILE`` the chain runs over row tiles so [tile, 32] intermediates stay
+    in cache.
+  * Backprop through the update (TBPTT, full backprop, hybrid) uses ONE hand-written VJP for
+    the whole per-parameter part (``_per_param_update``): it saves only the flat gradient,
+    params and old momenta per step and recomputes features and activations; JAX's own
+    transpose of these ops is 3-4x slower on CPU (see ``per_param_mlp``).
   FLOPs per parameter per step (``flops_per_param()``, multiply and add counted separately):
   2,833 with the defaults -- momenta 18, normalization 24 (second moments 16, scaling 8), first
   layer 544 (8 multiply-adds x 32 units + ReLU), second layer 2,112 (2*32*32 + bias + ReLU),
