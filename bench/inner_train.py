@@ -73,7 +73,8 @@ def minimal_train_fn(task, lr: float, num_steps: int, eval_every: int):
 
         def step(carry, _):
             layers, m, v, t = carry
-            idx = jax.random.randint(jax.random.fold_in(data_key, t), (task.batch_size,), 0, n)
+            bits = jax.random.bits(jax.random.fold_in(data_key, t), (task.batch_size,), jnp.uint32)
+            idx = (bits % jnp.uint32(n)).astype(jnp.int32)  # as Task.sample_batch draws them
             loss, g = jax.value_and_grad(loss_fn)(layers, data.train_images[idx],
                                                  data.train_labels[idx])
             m = jax.tree.map(lambda m, g: B1 * m + (1 - B1) * g, m, g)

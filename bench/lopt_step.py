@@ -1,6 +1,7 @@
 """Benchmark one MLPLOpt update against optax.adam, a forward+backward pass and dense matmul.
 
-    python bench/lopt_step.py [--steps 20] [--repeats 7] [--particles 16] [--out FILE]
+    python bench/lopt_step.py [--steps 20] [--repeats 7] [--particles 16] [--row-tiles 4096,...]
+                              [--out FILE]
 
 Prints one JSON object. Every timing is a jitted ``lax.scan`` of ``--steps`` iterations (so the
 per-call dispatch is amortized, as inside meta-training) divided by the step count; the
@@ -38,7 +39,7 @@ import optax
 # run as a script from a checkout: make the repository importable without installing it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from learned_opt import MLPLOpt
+from learned_opt import MLPLOpt, per_param_mlp
 from tasks.datasets import ImageData, load_dataset
 from tasks.image_mlp import ImageMLPTask
 
@@ -115,6 +116,16 @@ def bench_model(model: str, lopt: MLPLOpt, args) -> dict:
         "adam_update": lambda: adam_run(params, grads),
         "fwd_bwd": lambda: fwd_bwd_run(task, params, batch),
     }
+    for tile in (int(t) for t in args.row_tiles.split(",") if t) if model == "large" else ():
+        # a fresh function traced and compiled now, with per_param_mlp.ROW_TILE patched (read
+        # at trace time; jit would reuse lopt_run's cached trace)
+        default_tile, per_param_mlp.ROW_TILE = per_param_mlp.ROW_TILE, tile
+        try:
+            run = jax.jit(lambda theta, p, g: scan_updates(lopt.opt_fn(theta), p, g))
+            compiled = run.lower(theta, params, grads).compile()
+        finally:
+            per_param_mlp.ROW_TILE = default_tile
+        fns[f"lopt_update_row_tile_{tile}"] = lambda c=compiled: c(theta, params, grads)
     if model in args.vmapped_models.split(","):
         fns["lopt_update_vmapped"] = lambda: lopt_vmapped(thetas, params, grads)
     if model == "standard":
@@ -135,6 +146,9 @@ def bench_model(model: str, lopt: MLPLOpt, args) -> dict:
         "lopt_gflops": flops / (lopt_us * 1e-6) / 1e9,
     }
     out["lopt_fraction_of_matmul"] = out["lopt_gflops"] / matmul_gflops
+    for name, timing in t.items():
+        if name.startswith("lopt_update_row_tile_"):
+            out[f"{name}_fraction_of_matmul"] = flops / (timing["us"] * 1e-6) / 1e9 / matmul_gflops
     if "lopt_update_vmapped" in t:
         vmapped_us = t["lopt_update_vmapped"]["us"]
         out["lopt_vmapped_gflops"] = args.particles * flops / (vmapped_us * 1e-6) / 1e9
@@ -180,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vmapped-models", default="standard",
         help="models on which to time the update vmapped over --particles thetas",
+    )
+    parser.add_argument(
+        "--row-tiles", default="",
+        help="comma-separated per_param_mlp.ROW_TILE values to also time on the large model "
+             "(a sweep, e.g. 4096,8192,16384,32768,100000000)",
     )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)

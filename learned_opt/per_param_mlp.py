@@ -77,7 +77,8 @@ def _activations(w: Weights, x, shared_bias) -> list[jax.Array]:
 
 def _outputs(w: Weights, h: jax.Array, scales: Scales):
     """-> (step [N], factor [N], d [N]) with factor = exp(m * exp_mult) * step_mult.
-    (A [H, 2] dot: written as two row sums, XLA's CPU backend hands it to a slower kernel.)"""
+    Kept a [H, 2] dot: written as two row sums, XLA's CPU backend fuses them with the matmul
+    before into one kernel that was measured 1.5-2x slower."""
     out = h @ w.out_kernel + w.out_bias
     d, m = out[:, 0], out[:, 1]
     factor = jnp.exp(m * scales.exp_mult) * scales.step_mult

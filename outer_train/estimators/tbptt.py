@@ -40,8 +40,8 @@ class TBPTTState(NamedTuple):
 class TBPTT:
     """Knobs: num_tasks particles; trunc_length K; horizon T or (T_min, T_max) log-uniform;
     staggered: start particles at random points of their first episode; segment_length of the
-    rematerialized window scan (None: ``unroll.memory_optimal_segment``; on the standard
-    workload remat is also ~1.2x faster than storing every step's residuals)."""
+    rematerialized window scan (None: ``unroll.memory_optimal_segment``, which stores every
+    step's residuals when the window's fit its budget -- the standard workload's do)."""
 
     problem: InnerProblem
     num_tasks: int = flax.struct.field(pytree_node=False, default=8)
