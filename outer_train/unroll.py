@@ -136,6 +136,14 @@ def member_groups(num_groups: int, group_size: int) -> np.ndarray:
     return np.repeat(np.arange(num_groups), group_size)
 
 
+def repeat_members(tree, group_size: int):
+    """Each group's state (leading axis G) repeated for its ``group_size`` members, group-major
+    ([G * S]): the same values as indexing by ``member_groups``, but as a broadcast + reshape,
+    which keeps a leading axis split over devices split (a gather by an index array makes XLA
+    gather everything onto every device and run all members everywhere)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), tree)
+
+
 def _select(pred: jax.Array, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 

@@ -35,6 +35,7 @@ from outer_train.unroll import (
     ParticleState,
     force_reset,
     member_groups,
+    repeat_members,
     start_particles,
     unroll_particles,
     unroll_particles_grad,
@@ -99,7 +100,7 @@ class Hybrid:
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
         thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
         groups = member_groups(g, 2 * m)
-        members = jax.tree.map(lambda x: x[groups], state.particles)
+        members = repeat_members(state.particles, 2 * m)
         losses, grads, _, _ = unroll_particles_grad(
             self.problem, thetas, members, keys.reset[groups], keys.step[groups],
             horizon=self.horizon, theta_axis=0,

@@ -25,6 +25,7 @@ from outer_train.unroll import (
     ParticleState,
     force_reset,
     member_groups,
+    repeat_members,
     start_particles,
     unroll_particles,
     window_keys,
@@ -77,7 +78,7 @@ class TruncatedES:
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
         thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=True))
         groups = member_groups(g, self.group_size)
-        members = jax.tree.map(lambda x: x[groups], state.particles)
+        members = repeat_members(state.particles, self.group_size)
         particles, trace = unroll_particles(
             self.problem, thetas, members, keys.reset[groups], keys.step[groups],
             horizon=self.horizon, theta_axis=0,
