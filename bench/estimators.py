@@ -45,6 +45,8 @@ import subprocess
 import sys
 import time
 
+from bench.common import emit
+
 # Standard workload (see the module docstring).
 PAIRS = 8
 TRUNC_LENGTH = 20
@@ -249,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_at_end": os.getloadavg()},
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, indent=2)
     return 0
 
 

@@ -22,7 +22,6 @@ Prints JSON to stdout and, with ``--out``, to a file. Example (from the reposito
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bench.common import emit
 from tasks.image_mlp import STANDARD_PRESET, preset
 from tasks.train import init_train_state, train_seeds, train_segment
 from tasks.train_cli import segment_evals
@@ -180,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_valid_loss_max_abs_diff": float(
             jnp.max(jnp.abs(finals["project"] - finals["minimal"]))),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

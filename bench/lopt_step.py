@@ -24,7 +24,6 @@ update) vmapped over particles, in inner steps/s summed over particles, for MLPL
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ import optax
 # run as a script from a checkout: make the repository importable without installing it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import emit
 from learned_opt import MLPLOpt, per_param_mlp
 from tasks.datasets import ImageData, load_dataset
 from tasks.image_mlp import ImageMLPTask
@@ -219,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for model in args.models.split(","):
         result[model] = bench_model(model, lopt, args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -214,14 +214,7 @@ def write_meta_train_report(out_dir: str | Path, config, results: EvalResults, *
         f"- Adam's learning rate tuned on the same held-out tasks and seeds by {objective} "
         "(this favours Adam).",
         "",
-        "## Held-out results (mean ± standard error over tasks x seeds)",
-        "",
-        results_table(results),
-        "",
-        "## Adam learning-rate grid",
-        "",
-        adam_grid_table(results, objective),
-        "",
+        *_results_sections(results, objective, "Held-out results"),
         "![meta-training](meta_training.png)",
         "",
         "![held-out curves](heldout_curves.png)",
@@ -236,6 +229,20 @@ def write_meta_train_report(out_dir: str | Path, config, results: EvalResults, *
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _results_sections(results: EvalResults, objective: str, title: str) -> list[str]:
+    """The results table and Adam's learning-rate grid, as markdown lines."""
+    return [
+        f"## {title} (mean ± standard error over tasks x seeds)",
+        "",
+        results_table(results),
+        "",
+        "## Adam learning-rate grid",
+        "",
+        adam_grid_table(results, objective),
+        "",
+    ]
 
 
 def write_eval_report(out_dir: str | Path, results: EvalResults, *, optimizer_file: str,
@@ -253,14 +260,7 @@ def write_eval_report(out_dir: str | Path, results: EvalResults, *, optimizer_fi
         f"{results.num_steps} inner steps.",
         *extra_lines,
         "",
-        "## Results (mean ± standard error over tasks x seeds)",
-        "",
-        results_table(results),
-        "",
-        "## Adam learning-rate grid",
-        "",
-        adam_grid_table(results, objective),
-        "",
+        *_results_sections(results, objective, "Results"),
         "![curves](heldout_curves.png)",
         "",
     ]

@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
+from helpers import bitwise_equal
 
 from outer_train import checkpoint
 from outer_train.checkpoint import CheckpointError
@@ -38,25 +38,13 @@ def _state(seed: int):
             "outer_step": jnp.int32(seed)}
 
 
-def _bitwise_equal(a, b) -> bool:
-    def leaf(x, y):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        x, y = np.asarray(x), np.asarray(y)
-        return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        jax.tree.leaves(jax.tree.map(leaf, a, b))
-    )
-
-
 def test_round_trip_is_bit_exact(tmp_path):
     state = _state(3)
     path = checkpoint.save(tmp_path, 3, state, config_hash="h", keep=2)
     assert path.name == "ckpt_000000003.ckpt"
     restored = checkpoint.load(path, _state(0), config_hash="h")  # template: other values
     assert restored.outer_step == 3
-    assert _bitwise_equal(restored.state, state)
+    assert bitwise_equal(restored.state, state)
     keys = restored.state["particles"][0].key
     assert jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)  # re-wrapped, usable
     jax.random.normal(keys[0], ())
@@ -93,7 +81,7 @@ def test_corrupt_checkpoint_is_detected_and_older_one_used(tmp_path, damage):
     restored = checkpoint.restore_latest(tmp_path, _state(0), config_hash="h",
                                          warn=messages.append)
     assert restored.outer_step == 1
-    assert _bitwise_equal(restored.state, _state(1))
+    assert bitwise_equal(restored.state, _state(1))
     assert "skipping checkpoint ckpt_000000002.ckpt" in messages[0]
     assert "resuming from older checkpoint ckpt_000000001.ckpt" in messages[1]
 

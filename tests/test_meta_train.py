@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import bitwise_equal
 
 import learned_opt
 from learned_opt.cli import main
@@ -44,18 +45,6 @@ TINY = [
     "eval.adam_learning_rates=[0.01, 0.1]",
     "checkpoint.every=2", "checkpoint.keep=2",
 ]
-
-
-def _bitwise_equal(a, b) -> bool:
-    def leaf(x, y):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        x, y = np.asarray(x), np.asarray(y)
-        return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        jax.tree.leaves(jax.tree.map(leaf, a, b))
-    )
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +134,9 @@ def test_saved_optimizer_is_the_final_theta(cli_run, tiny_config):
             cli_run / "config.toml").trajectory_hash(),
     )
     assert final.outer_step == NUM_OUTER_STEPS
-    assert _bitwise_equal(loaded.theta, final.state.theta)
+    assert bitwise_equal(loaded.theta, final.state.theta)
     initial = loaded.optimizer.init(run_keys(tiny_config.run.seed).theta)
-    assert not _bitwise_equal(initial, loaded.theta)  # meta-training changed theta
+    assert not bitwise_equal(initial, loaded.theta)  # meta-training changed theta
 
 
 def _template(config):
@@ -201,8 +190,8 @@ def test_kill_and_resume_gives_bitwise_identical_theta(tmp_path, tiny_config):
     assert resumed.resumed_from == 2
     assert any("skipping checkpoint ckpt_000000003.ckpt" in m for m in messages)
     assert int(resumed.state.outer_step) == NUM_OUTER_STEPS
-    assert _bitwise_equal(resumed.state.theta, straight.state.theta)
-    assert _bitwise_equal(resumed.state, straight.state)  # opt state, particles, PES xi too
+    assert bitwise_equal(resumed.state.theta, straight.state.theta)
+    assert bitwise_equal(resumed.state, straight.state)  # opt state, particles, PES xi too
     # The resumed log holds one history: every outer step once.
     steps = [r["outer_step"] for r in read_records(killed / "metrics.jsonl", kind="train")]
     assert steps == list(range(1, NUM_OUTER_STEPS + 1))
@@ -256,9 +245,9 @@ def test_nonfinite_meta_gradient_skips_the_update_and_is_counted():
         if bool(metrics["skipped"]):
             in_a_row += 1
             kinds.append("skip")
-            assert _bitwise_equal(new.theta, state.theta)
-            assert _bitwise_equal(new.opt_state, state.opt_state)
-            assert _bitwise_equal(new.estimator_states, state.estimator_states)
+            assert bitwise_equal(new.theta, state.theta)
+            assert bitwise_equal(new.opt_state, state.opt_state)
+            assert bitwise_equal(new.estimator_states, state.estimator_states)
             assert int(new.num_skipped) == int(state.num_skipped) + 1
             assert not np.isfinite(float(metrics["meta_grad_norm"]))  # reported, not zeroed
         else:

@@ -27,11 +27,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from learned_opt.errors import UserError
-from outer_train.base import InnerProblem
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
 from outer_train.unroll import (
-    Horizon,
     ParticleState,
     force_reset,
     member_groups,
@@ -58,24 +56,14 @@ def _masked_variance(x: jax.Array, mean: jax.Array, valid: jax.Array) -> jax.Arr
 
 
 @flax.struct.dataclass
-class Hybrid:
-    """Knobs: num_tasks x num_perturbations pairs; trunc_length K; horizon T or (T_min, T_max);
-    sigma; loss_shaping + shaping_scale (ES side); staggered; segment_length of the
-    rematerialized window scan (None: ``unroll.memory_optimal_segment``)."""
+class Hybrid(knobs.AntitheticWindowKnobs):
+    """Knobs: those of ``knobs.AntitheticWindowKnobs`` (loss shaping acts on the ES side), and
+    segment_length of the rematerialized window scan (None: ``unroll.memory_optimal_segment``)."""
 
-    problem: InnerProblem
-    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
-    num_perturbations: int = flax.struct.field(pytree_node=False, default=1)
-    trunc_length: int = flax.struct.field(pytree_node=False, default=20)
-    horizon: Horizon = flax.struct.field(pytree_node=False, default=200)
-    sigma: float = flax.struct.field(pytree_node=False, default=0.01)
-    loss_shaping: str = flax.struct.field(pytree_node=False, default="none")
-    shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
-    staggered: bool = flax.struct.field(pytree_node=False, default=True)
     segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
-        knobs.check_antithetic(self, truncated=True)
+        super().__post_init__()
         if self.num_tasks * self.num_perturbations < 2:
             raise UserError(
                 "hybrid needs num_tasks * num_perturbations >= 2 to estimate variances, got "

@@ -6,7 +6,10 @@ Called from each estimator's ``__post_init__`` so direct construction and ``make
 
 from __future__ import annotations
 
+import flax.struct
+
 from learned_opt.errors import UserError
+from outer_train.base import InnerProblem
 from outer_train.estimators.antithetic import LOSS_SHAPINGS
 from outer_train.unroll import Horizon
 
@@ -76,3 +79,24 @@ def check_antithetic(estimator, *, truncated: bool) -> None:
     check_sigma("sigma", estimator.sigma)
     check_choice("loss_shaping", estimator.loss_shaping, LOSS_SHAPINGS)
     check_sigma("shaping_scale", estimator.shaping_scale)
+
+
+@flax.struct.dataclass
+class AntitheticWindowKnobs:
+    """The problem and knobs of the windowed antithetic-ES estimators (PES, NRES, truncated ES,
+    hybrid), validated on construction: num_tasks x num_perturbations pairs; trunc_length K;
+    horizon T or (T_min, T_max) log-uniform; sigma; loss_shaping + shaping_scale; staggered:
+    start particles at random points of their first episode. Subclasses add their own knobs."""
+
+    problem: InnerProblem
+    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
+    num_perturbations: int = flax.struct.field(pytree_node=False, default=1)
+    trunc_length: int = flax.struct.field(pytree_node=False, default=20)
+    horizon: Horizon = flax.struct.field(pytree_node=False, default=200)
+    sigma: float = flax.struct.field(pytree_node=False, default=0.01)
+    loss_shaping: str = flax.struct.field(pytree_node=False, default="none")
+    shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    staggered: bool = flax.struct.field(pytree_node=False, default=True)
+
+    def __post_init__(self):
+        check_antithetic(self, truncated=True)

@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from outer_train.base import InnerProblem
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
 from outer_train.unroll import (
-    Horizon,
     ParticleState,
     force_reset,
     member_groups,
@@ -45,22 +43,8 @@ class PESState(NamedTuple):
 
 
 @flax.struct.dataclass
-class PES:
-    """Knobs: num_tasks x num_perturbations pairs; trunc_length K; horizon T or (T_min, T_max);
-    sigma; loss_shaping + shaping_scale; staggered."""
-
-    problem: InnerProblem
-    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
-    num_perturbations: int = flax.struct.field(pytree_node=False, default=1)
-    trunc_length: int = flax.struct.field(pytree_node=False, default=20)
-    horizon: Horizon = flax.struct.field(pytree_node=False, default=200)
-    sigma: float = flax.struct.field(pytree_node=False, default=0.01)
-    loss_shaping: str = flax.struct.field(pytree_node=False, default="none")
-    shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
-    staggered: bool = flax.struct.field(pytree_node=False, default=True)
-
-    def __post_init__(self):
-        knobs.check_antithetic(self, truncated=True)
+class PES(knobs.AntitheticWindowKnobs):
+    """Knobs: those of ``knobs.AntitheticWindowKnobs``."""
 
     @property
     def inner_steps_per_estimate(self) -> int:
