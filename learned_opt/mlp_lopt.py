@@ -27,8 +27,9 @@ How it is made fast (it runs millions of times inside meta-training, vmapped ove
     in cache.
   * Backprop through the update (TBPTT, full backprop, hybrid) uses ONE hand-written VJP for
     the whole per-parameter part (``_per_param_update``): it saves only the flat gradient,
-    params and old momenta per step and recomputes features and activations; JAX's own
-    transpose of these ops is 3-4x slower on CPU (see ``per_param_mlp``). The price: reverse
+    params and old momenta per step (plus two output terms per parameter) and recomputes
+    features and activations; JAX's own transpose of these ops is 3-4x slower on CPU (see
+    ``per_param_mlp``). The price: reverse
     mode only -- forward-mode AD through the update (``jax.jvp``, ``jacfwd``) raises JAX's
     "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
   FLOPs per parameter per step (``flops_per_param()``, multiply and add counted separately):
@@ -139,9 +140,9 @@ def _per_param_update(layout: features.FlatLayout, decays, eps: float, scales):
     (weights, shared_bias, g, params or None, momenta) -> (step sizes [P], new momenta [P, D]).
 
     It saves only its inputs (the flat gradient, params and old momenta: what backprop through
-    an unroll stores per step) and recomputes features and activations in the backward pass,
-    which chains the two hand-written VJPs (``per_param_mlp.backward``,
-    ``features.momenta_and_features_vjp``).
+    an unroll stores per step) and the output terms ``per_param_mlp.Saved`` (two floats per
+    parameter), and recomputes features and activations in the backward pass, which chains
+    the two hand-written VJPs (``per_param_mlp.backward``, ``features.momenta_and_features_vjp``).
     """
 
     def forward(weights, shared_bias, g, params, momenta):
@@ -153,13 +154,18 @@ def _per_param_update(layout: features.FlatLayout, decays, eps: float, scales):
         return forward(weights, shared_bias, g, params, momenta)
 
     def update_fwd(*inputs):
-        return forward(*inputs), inputs
-
-    def update_bwd(inputs, cotangents):
         weights, shared_bias, g, params, momenta = inputs
+        x, new_momenta = features.momenta_and_features(layout, g, params, momenta, decays, eps)
+        step, saved = per_param_mlp.forward_saving(weights, x, shared_bias, scales)
+        return (step, new_momenta), (inputs, saved)
+
+    def update_bwd(residuals, cotangents):
+        (weights, shared_bias, g, params, momenta), saved = residuals
         d_step, d_new_momenta = cotangents
         x, _ = features.momenta_and_features(layout, g, params, momenta, decays, eps)
-        dw, dx, d_shared_bias = per_param_mlp.backward(weights, x, shared_bias, scales, d_step)
+        dw, dx, d_shared_bias = per_param_mlp.backward(
+            weights, x, shared_bias, scales, d_step, saved
+        )
         dg, dparams, dmomenta = features.momenta_and_features_vjp(
             layout, g, params, momenta, decays, eps, dx, d_new_momenta
         )

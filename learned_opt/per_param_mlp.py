@@ -8,18 +8,20 @@ x [N, F] to step sizes [N]:
     (d, m) = h_{L-1} @ W_out + b_out
     step = d * exp(m * exp_mult) * step_mult
 
-``backward`` is its VJP, written by hand; ``step_sizes`` is ``forward`` with ``backward`` as
-its custom VJP. (MLPLOpt chains ``backward`` with the feature computation's hand-written VJP
-into one custom VJP for its whole update, see ``mlp_lopt._per_param_update``.)
+``backward`` is its VJP, written by hand (``forward_saving`` is the forward pass that keeps
+what it needs); ``step_sizes`` is ``forward`` with ``backward`` as its custom VJP. (MLPLOpt
+chains ``backward`` with the feature computation's hand-written VJP into one custom VJP for its
+whole update, see ``mlp_lopt._per_param_update``.)
 
 Why by hand: meta-training backpropagates through this millions of times (TBPTT, full backprop,
 hybrid), and JAX's automatic transpose of it is slow on CPU: the F-input first layer (F
 multiply-adds per unit, the fast forward) transposes into F separate reductions, the 2-output
 layer into a badly shaped dot, and every ReLU stores a boolean mask as a residual. Here the
 backward is written as ops XLA runs well -- [N, H] x [H, H] matmuls, matrix-vector products,
-one fused elementwise pass per layer, column sums -- and saves only x: the activations are
-recomputed in the backward pass (one more [N, H] x [H, H] matmul per hidden layer, cheaper on
-CPU than writing and re-reading [N, H] activations per layer per step).
+one fused elementwise pass per layer, column sums -- and saves only x and two floats per row
+(``Saved``: the output terms): the activations are recomputed in the backward pass (one more
+[N, H] x [H, H] matmul per hidden layer, cheaper on CPU than writing and re-reading [N, H]
+activations per layer per step; measured 0.7x on TBPTT when the last one was saved).
 
 Large N (one big model, or many particles' models at once) runs over row tiles (``ROW_TILE``)
 so the [tile, H] intermediates stay in cache; the backward pass tiles the same way and sums the
@@ -85,14 +87,25 @@ def _outputs(w: Weights, h: jax.Array, scales: Scales):
     return d * factor, factor, d
 
 
-def _forward_rows(w: Weights, x, shared_bias, scales: Scales) -> jax.Array:
-    return _outputs(w, _activations(w, x, shared_bias)[-1], scales)[0]
+class Saved(NamedTuple):
+    """The output terms the forward pass keeps for the backward: factor [N], d [N] (two floats
+    per row). Recomputing them would need the output dot in the backward pass, whose [N, H]
+    input XLA then builds a second time (the ReLU of the last hidden layer is fused into each
+    of its consumers): measured 3-6% of a TBPTT step."""
+
+    factor: jax.Array
+    d: jax.Array
 
 
-def _backward_rows(w: Weights, x, shared_bias, scales: Scales, g):
+def _forward_rows(w: Weights, x, shared_bias, scales: Scales) -> tuple[jax.Array, Saved]:
+    step, factor, d = _outputs(w, _activations(w, x, shared_bias)[-1], scales)
+    return step, Saved(factor, d)
+
+
+def _backward_rows(w: Weights, x, shared_bias, scales: Scales, g, saved: Saved):
     """Cotangents of (w, x, shared_bias) for rows x [N, F] and step cotangent g [N]."""
     hs = _activations(w, x, shared_bias)
-    _, factor, d = _outputs(w, hs[-1], scales)
+    factor, d = saved
     dd = g * factor  # d step / d d = factor
     dm = g * d * factor * scales.exp_mult  # d step / d m
     # two matrix-vector products: as one [H, N] x [N, 2] dot, batched over particles (vmap),
@@ -128,28 +141,50 @@ def _tile_start(i, rows: int, n: int):
     return jnp.minimum(i * rows, n - rows)
 
 
-def forward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
-    """Step sizes [N] of rows x [N, F] (see the module docstring); row tiles when N is large."""
+def _tiled_forward(rows_fn, w: Weights, x: jax.Array, shared_bias, scales: Scales):
+    """``rows_fn(w, x rows, shared_bias, scales)`` (a pytree of [rows] arrays) over row tiles."""
     n = x.shape[0]
     num_tiles, rows = _tiling(n, ROW_TILE)
     if num_tiles == 1:
-        return _forward_rows(w, x, shared_bias, scales)
+        return rows_fn(w, x, shared_bias, scales)
 
     def body(i, out):
         start = _tile_start(i, rows, n)
-        step = _forward_rows(w, lax.dynamic_slice_in_dim(x, start, rows), shared_bias, scales)
-        return lax.dynamic_update_slice_in_dim(out, step, start, axis=0)
+        tile = rows_fn(w, lax.dynamic_slice_in_dim(x, start, rows), shared_bias, scales)
+        return jax.tree.map(
+            lambda a, b: lax.dynamic_update_slice_in_dim(a, b, start, axis=0), out, tile
+        )
 
-    return lax.fori_loop(0, num_tiles, body, jnp.zeros((n,), x.dtype))
+    shapes = jax.eval_shape(rows_fn, w, x, shared_bias, scales)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    return lax.fori_loop(0, num_tiles, body, zeros)
 
 
-def backward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales, g: jax.Array):
+def forward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
+    """Step sizes [N] of rows x [N, F] (see the module docstring); row tiles when N is large."""
+    return _tiled_forward(
+        lambda *args: _forward_rows(*args)[0], w, x, shared_bias, scales
+    )
+
+
+def forward_saving(
+    w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales
+) -> tuple[jax.Array, Saved]:
+    """``forward`` and what ``backward`` needs besides the inputs: (step sizes [N], Saved)."""
+    return _tiled_forward(_forward_rows, w, x, shared_bias, scales)
+
+
+def backward(
+    w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales, g: jax.Array,
+    saved: Saved,
+):
     """Cotangents (d weights, dx [N, F], d shared_bias [H_0]) of ``forward`` for the step
-    cotangent g [N]; the activations are recomputed, tile by tile."""
+    cotangent g [N], given ``forward_saving``'s ``saved``; the activations are recomputed,
+    tile by tile."""
     n = x.shape[0]
     num_tiles, rows = _tiling(n, ROW_TILE)
     if num_tiles == 1:
-        return _backward_rows(w, x, shared_bias, scales, g)
+        return _backward_rows(w, x, shared_bias, scales, g, saved)
 
     def body(i, carry):
         dw, dx, dc = carry
@@ -159,8 +194,12 @@ def backward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales, g
         # written, are kept
         fresh = start + jnp.arange(rows) >= i * rows
         g_tile = jnp.where(fresh, lax.dynamic_slice_in_dim(g, start, rows), 0.0)
-        x_tile = lax.dynamic_slice_in_dim(x, start, rows)
-        dw_tile, dx_tile, dc_tile = _backward_rows(w, x_tile, shared_bias, scales, g_tile)
+        x_tile, saved_tile = jax.tree.map(
+            lambda a: lax.dynamic_slice_in_dim(a, start, rows), (x, saved)
+        )
+        dw_tile, dx_tile, dc_tile = _backward_rows(
+            w, x_tile, shared_bias, scales, g_tile, saved_tile
+        )
         dx_tile = jnp.where(fresh[:, None], dx_tile, lax.dynamic_slice_in_dim(dx, start, rows))
         dx = lax.dynamic_update_slice_in_dim(dx, dx_tile, start, axis=0)
         return jax.tree.map(jnp.add, dw, dw_tile), dx, dc + dc_tile
@@ -171,16 +210,18 @@ def backward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales, g
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def step_sizes(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
-    """``forward`` with ``backward`` as its VJP (saves only the inputs)."""
+    """``forward`` with ``backward`` as its VJP (saves the inputs and ``Saved``)."""
     return forward(w, x, shared_bias, scales)
 
 
 def _step_sizes_fwd(w, x, shared_bias, scales):
-    return forward(w, x, shared_bias, scales), (w, x, shared_bias)
+    step, saved = forward_saving(w, x, shared_bias, scales)
+    return step, (w, x, shared_bias, saved)
 
 
 def _step_sizes_bwd(scales, residuals, g):
-    return backward(*residuals, scales, g)
+    w, x, shared_bias, saved = residuals
+    return backward(w, x, shared_bias, scales, g, saved)
 
 
 step_sizes.defvjp(_step_sizes_fwd, _step_sizes_bwd)

@@ -125,17 +125,18 @@ def _plain_step_sizes(w, x, c, scales):
     return out[:, 0] * jnp.exp(out[:, 1] * scales.exp_mult) * scales.step_mult
 
 
+@pytest.mark.parametrize("sizes", [(6, 5, 4), (6,)])
 @pytest.mark.parametrize("tile", [1000, 16, 50])
-def test_per_param_mlp_kernel_and_its_backward(monkeypatch, tile):
+def test_per_param_mlp_kernel_and_its_backward(monkeypatch, tile, sizes):
     """The fused kernel and its hand-written VJP equal plain JAX autodiff, for one model and
     vmapped over particles with shared weights (TBPTT) -- tiled (16, 50 rows: the last tile is
-    shifted back over the previous one) and not (1000)."""
+    shifted back over the previous one) and not (1000); three hidden layers and one."""
     monkeypatch.setattr(per_param_mlp, "ROW_TILE", tile)
     rng = np.random.default_rng(0)
     r = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
-    sizes = (6, 5, 4)
     w = per_param_mlp.Weights(
-        r(8, 6), tuple((r(a, b), r(b)) for a, b in itertools.pairwise(sizes)), r(4, 2), r(2)
+        r(8, sizes[0]), tuple((r(a, b), r(b)) for a, b in itertools.pairwise(sizes)),
+        r(sizes[-1], 2), r(2),
     )
     scales = per_param_mlp.Scales(exp_mult=0.1, step_mult=0.01)
     x, c, cotangent = r(101, 8), r(6), r(101)
