@@ -248,7 +248,7 @@ def _abstract(tree, drop_leading_axis: bool = False):
 
 # Backprop through a window stores every step's residuals when all particles' residuals fit in
 # this many bytes: no recomputation, and on CPU ~1.3x faster than segments (TBPTT, standard
-# workload: 20 steps x 8 particles x 0.53 MB = 85 MB). Longer unrolls are rematerialized in
+# workload: 20 steps x 8 particles x 0.32 MB = 51 MB). Longer unrolls are rematerialized in
 # segments.
 STORE_ALL_RESIDUALS_BYTES = 256 * 2**20
 
