@@ -152,10 +152,13 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     key = jax.random.key(1)
     init_key, key = jax.random.split(key)
     state = jax.jit(est.init)(init_key, theta)
-    mesh = particle_mesh(devices)  # the same split as meta-train's run.devices
-    if mesh is not None:
-        state = shard_particles(state, mesh)
     opt_state = meta_opt.init(theta)
+    mesh = particle_mesh(devices)  # placed as meta-train places them for run.devices
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        est, key, theta, opt_state = jax.device_put((est, key, theta, opt_state), replicated)
+        state = shard_particles(state, mesh)
+        jax.set_mesh(mesh)  # es and full_bptt split the particles they create inside
     t0 = time.perf_counter()
     step_key, key = jax.random.split(key)
     out = jax.block_until_ready(outer_step(est, step_key, theta, opt_state, state))

@@ -21,6 +21,7 @@ Held-out seeds come from their own stream, so they are never used for meta-train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -316,8 +317,16 @@ def meta_train(
         else:
             state, resumed_from = restored.state, restored.outer_step
             log(f"resuming from {restored.path} (outer step {resumed_from})")
+    estimators, outer_key = setup.estimators, setup.keys.outer
     if mesh is not None:
-        state = state._replace(estimator_states=shard_particles(state.estimator_states, mesh))
+        # particles split, the rest replicated: the jitted step's input shardings then equal
+        # its output shardings (one compilation, not a second one at step 2) and the task data
+        # is not copied to the devices again every step
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = jax.device_put(state, replicated)._replace(
+            estimator_states=shard_particles(state.estimator_states, mesh)
+        )
+        estimators, outer_key = jax.device_put((estimators, outer_key), replicated)
         log(f"particles split over {mesh.size} devices")
     start = int(state.outer_step)
     (out_dir / "config.toml").write_text(to_toml(config))  # after a compatible restore only
@@ -341,8 +350,11 @@ def meta_train(
             "num_train_tasks": len(setup.train_tasks),
             "num_theta": sum(x.size for x in jax.tree.leaves(state.theta)),
         })
-        state = _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash,
-                      evaluator, progress, log)
+        # the mesh as context: estimators that create their particles inside estimate (es,
+        # full_bptt) split them over it too (unroll.constrain_particles)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            state = _loop(setup, step_fn, (estimators, outer_key), state, start, num_steps,
+                          logger, ckpt_dir, config_hash, evaluator, progress, log)
         finished = int(state.outer_step) >= config.run.num_outer_steps
         if finished and evaluator is not None:
             _evaluate(evaluator, state, logger, log, label="final")
@@ -396,8 +408,8 @@ def _evaluate(evaluator, state: MetaTrainState, logger: MetricsLogger,
     )
 
 
-def _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash, evaluator,
-          progress, log) -> MetaTrainState:
+def _loop(setup, step_fn, step_inputs, state, start, num_steps, logger, ckpt_dir, config_hash,
+          evaluator, progress, log) -> MetaTrainState:
     from tqdm.auto import tqdm
 
     config = setup.config
@@ -413,7 +425,7 @@ def _loop(setup, step_fn, state, start, num_steps, logger, ckpt_dir, config_hash
     try:
         for n in range(start, num_steps):
             t0 = time.perf_counter()
-            state, metrics = step_fn(setup.estimators, state, setup.keys.outer)
+            state, metrics = step_fn(step_inputs[0], state, step_inputs[1])
             metrics = jax.device_get(metrics)  # waits for the step: honest timings
             seconds = time.perf_counter() - t0
             window_steps += 1

@@ -385,6 +385,26 @@ def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = "particles")
     return jax.tree.map(place, tree)
 
 
+def constrain_particles(tree, axis_name: str = "particles"):
+    """Inside ``jax.set_mesh(mesh)`` with a ``particles`` axis: ask GSPMD to split the leading
+    axis of every leaf of ``tree`` over it (leaves that do not divide evenly stay as they are).
+    For estimators that create their particles inside ``estimate`` (es, full_bptt): constraining
+    the per-particle keys and thetas splits the whole vmapped unroll. Without such a mesh (one
+    device, or outside ``set_mesh``) the tree is returned unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis_name not in mesh.axis_names:
+        return tree
+    size = mesh.shape[axis_name]
+    spec = jax.sharding.PartitionSpec(axis_name)
+
+    def constrain(x):
+        if size <= 1 or x.ndim == 0 or x.shape[0] % size:
+            return x
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(constrain, tree)
+
+
 def evaluate_meta_loss(
     problem: InnerProblem, key: PRNGKey, theta: Theta, *, horizon: int, num_tasks: int
 ) -> dict[str, jax.Array]:

@@ -6,6 +6,10 @@ nested inner state (params dict + optimizer state) and noisy batches.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import flax.struct
@@ -20,6 +24,8 @@ from outer_train.estimators import ESTIMATORS, FullBPTT, draws, estimator_knobs,
 from outer_train.problem import LearnedOptProblem
 from outer_train.unroll import evaluate_meta_loss, force_reset
 from tasks.analytic import LinearSystemProblem, QuadraticTask
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class TinyState(NamedTuple):
@@ -296,3 +302,44 @@ def test_batched_draws_equal_vmapped_draws():
         # ES divides loss differences by sigma^2: float32 rounding of other batch shapes shows
         scale = float(np.max(np.abs(a))) if a.dtype.kind == "f" else 0.0
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+_SPLIT_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from outer_train.estimators import make_estimator
+from outer_train.unroll import constrain_particles
+from tasks.analytic import LinearSystemProblem
+
+lds = LinearSystemProblem.create(jax.random.key(0), noise_scale=0.1)
+theta = jnp.array([0.3, -0.2, 0.1, 0.5])
+ests = [make_estimator("es", lds, num_tasks=2, num_perturbations=2, horizon=6),
+        make_estimator("full_bptt", lds, num_tasks=4, horizon=6),
+        make_estimator("full_bptt", lds, num_tasks=4, horizon=6, sigma=0.1)]
+key = jax.random.key(3)
+plain = [jax.jit(type(e).estimate)(e, key, theta, e.init(key, theta))[0] for e in ests]
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("particles",))
+with jax.set_mesh(mesh):
+    split = jax.jit(lambda k: constrain_particles(jax.random.split(k, 4)))(key)
+    assert split.sharding.spec == jax.sharding.PartitionSpec("particles"), split.sharding
+    odd = jax.jit(lambda x: constrain_particles(x))(jnp.zeros(3))  # 3 rows: left as is
+    assert odd.shape == (3,)
+    meshed = [jax.jit(type(e).estimate)(e, key, theta, e.init(key, theta))[0] for e in ests]
+    for e in ests:  # split: the particle mean is an all-reduce across the 2 devices
+        hlo = jax.jit(type(e).estimate).lower(e, key, theta, e.init(key, theta)).compile()
+        assert "all-reduce" in hlo.as_text(), e
+for a, b in zip(plain, meshed):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_es_and_full_bptt_split_their_fresh_particles_over_the_mesh():
+    """Inside ``jax.set_mesh`` (as meta-train runs on several devices), es and full_bptt split
+    the particles they create inside ``estimate`` over the ``particles`` axis and give the same
+    gradient as on one device (a fresh process with 2 host devices)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT], env=env, capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

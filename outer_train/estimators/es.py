@@ -22,7 +22,12 @@ from jax.flatten_util import ravel_pytree
 from outer_train.base import InnerProblem
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
-from outer_train.unroll import member_groups, unroll_particles, window_keys
+from outer_train.unroll import (
+    constrain_particles,
+    repeat_members,
+    unroll_particles,
+    window_keys,
+)
 from tasks.meta_loss import masked_mean
 
 
@@ -60,9 +65,10 @@ class ES:
         theta_flat, unravel = ravel_pytree(theta)
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
         thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
-        groups = member_groups(g, 2 * m)
+        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
+        thetas, reset_keys, step_keys = constrain_particles((thetas, reset_keys, step_keys))
         _, trace = unroll_particles(
-            self.problem, thetas, None, keys.reset[groups], keys.step[groups],
+            self.problem, thetas, None, reset_keys, step_keys,
             horizon=self.horizon, theta_axis=0,
         )
         pos, neg, _ = antithetic.split_members(trace.losses, g, m, with_center=False)

@@ -26,7 +26,7 @@ from outer_train.base import InnerProblem
 from outer_train.estimators import knobs
 from outer_train.estimators.antithetic import sample_noise
 from outer_train.estimators.metrics import estimator_metrics
-from outer_train.unroll import unroll_particles_grad, window_keys
+from outer_train.unroll import constrain_particles, unroll_particles_grad, window_keys
 from tasks.meta_loss import masked_mean
 
 
@@ -67,8 +67,11 @@ class FullBPTT:
             thetas, theta_axis = jax.vmap(unravel)(theta_flat + eps), 0
         else:
             thetas, theta_axis = theta, None
+        if theta_axis == 0:
+            thetas = constrain_particles(thetas)
+        reset_keys, step_keys = constrain_particles((keys.reset, keys.step))
         losses, grads, _, _ = unroll_particles_grad(
-            self.problem, thetas, None, keys.reset, keys.step,
+            self.problem, thetas, None, reset_keys, step_keys,
             horizon=self.horizon, theta_axis=theta_axis, segment_length=self.segment_length,
         )
         valid = jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)
