@@ -26,11 +26,13 @@ same process, same load) and reports:
 
 Full backprop is also run at T = 100, 1000, 2000 (memory grows like sqrt(T) with the segmented
 rematerialization). ``--devices N`` splits the host CPU into N XLA devices
-(``--xla_force_host_platform_device_count``) and the estimator state's leading particle axis
-over them (``meta_train.particle_mesh`` + ``unroll.shard_particles``: the estimator code is
-unchanged, GSPMD partitions the vmapped unroll). The default, 0, is what ``learned-opt
-meta-train`` does (``run.devices = 0``): one device per core; ``--devices 1`` is one device
-whose ops XLA parallelizes internally. Prints one JSON object (and writes it to ``--out``).
+(``--xla_force_host_platform_device_count``) and the particles over them as meta-train does:
+the estimator state's leading particle axis (``meta_train.particle_mesh`` +
+``unroll.shard_particles``), the particles es and full_bptt create inside ``estimate``
+(``jax.set_mesh`` + ``unroll.constrain_particles``), everything else replicated; GSPMD
+partitions the vmapped unroll. The default, 0, is what ``learned-opt meta-train`` does
+(``run.devices = 0``): one device per core; ``--devices 1`` is one device whose ops XLA
+parallelizes internally. Prints one JSON object (and writes it to ``--out``).
 """
 
 from __future__ import annotations
