@@ -29,9 +29,9 @@ How it is made fast (it runs millions of times inside meta-training, vmapped ove
     the whole per-parameter part (``_per_param_update``): it saves only the flat gradient,
     params and old momenta per step (plus two output terms per parameter) and recomputes
     features and activations; JAX's own transpose of these ops is 3-4x slower on CPU (see
-    ``per_param_mlp``). The price: reverse
-    mode only -- forward-mode AD through the update (``jax.jvp``, ``jacfwd``) raises JAX's
-    "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
+    ``per_param_mlp``). The price: reverse mode only -- forward-mode AD through the update
+    (``jax.jvp``, ``jacfwd``) raises JAX's "can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function".
   FLOPs per parameter per step (``flops_per_param()``, multiply and add counted separately):
   2,833 with the defaults -- momenta 18, normalization 24 (second moments 16, scaling 8), first
   layer 544 (8 multiply-adds x 32 units + ReLU), second layer 2,112 (2*32*32 + bias + ReLU),

@@ -162,9 +162,7 @@ def _tiled_forward(rows_fn, w: Weights, x: jax.Array, shared_bias, scales: Scale
 
 def forward(w: Weights, x: jax.Array, shared_bias: jax.Array, scales: Scales) -> jax.Array:
     """Step sizes [N] of rows x [N, F] (see the module docstring); row tiles when N is large."""
-    return _tiled_forward(
-        lambda *args: _forward_rows(*args)[0], w, x, shared_bias, scales
-    )
+    return _tiled_forward(lambda *args: _forward_rows(*args)[0], w, x, shared_bias, scales)
 
 
 def forward_saving(
