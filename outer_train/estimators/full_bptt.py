@@ -64,11 +64,9 @@ class FullBPTT:
         theta_flat, unravel = ravel_pytree(theta)
         if self.sigma > 0:
             eps = sample_noise(keys.noise, self.num_tasks, theta_flat, self.sigma)
-            thetas, theta_axis = jax.vmap(unravel)(theta_flat + eps), 0
+            thetas, theta_axis = constrain_particles(jax.vmap(unravel)(theta_flat + eps)), 0
         else:
             thetas, theta_axis = theta, None
-        if theta_axis == 0:
-            thetas = constrain_particles(thetas)
         reset_keys, step_keys = constrain_particles((keys.reset, keys.step))
         losses, grads, _, _ = unroll_particles_grad(
             self.problem, thetas, None, reset_keys, step_keys,

@@ -32,7 +32,6 @@ from outer_train.estimators.metrics import estimator_metrics
 from outer_train.unroll import (
     ParticleState,
     force_reset,
-    member_groups,
     repeat_members,
     start_particles,
     unroll_particles,
@@ -87,10 +86,10 @@ class Hybrid(knobs.AntitheticWindowKnobs):
         theta_flat, unravel = ravel_pytree(theta)
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
         thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
-        groups = member_groups(g, 2 * m)
+        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
         members = repeat_members(state.particles, 2 * m)
         losses, grads, _, _ = unroll_particles_grad(
-            self.problem, thetas, members, keys.reset[groups], keys.step[groups],
+            self.problem, thetas, members, reset_keys, step_keys,
             horizon=self.horizon, theta_axis=0,
             segment_length=self.segment_length,
         )

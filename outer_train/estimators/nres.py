@@ -27,7 +27,7 @@ from outer_train.estimators.metrics import estimator_metrics
 from outer_train.unroll import (
     ParticleState,
     force_reset,
-    member_groups,
+    repeat_members,
     start_particles,
     unroll_particles,
     window_keys,
@@ -72,10 +72,10 @@ class NRES(knobs.AntitheticWindowKnobs):
         keys = window_keys(key, g, self.trunc_length)
         theta_flat, unravel = ravel_pytree(theta)
         new_eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
-        groups = member_groups(g, 2 * m)
+        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
         particles, trace = unroll_particles(
             self.problem, self._thetas(theta_flat, state.eps, unravel), state.particles,
-            keys.reset[groups], keys.step[groups], horizon=self.horizon, theta_axis=0,
+            reset_keys, step_keys, horizon=self.horizon, theta_axis=0,
             reset_thetas=self._thetas(theta_flat, new_eps, unravel),
         )
         pos, neg, _ = antithetic.split_members(trace.losses, g, m, with_center=False)
@@ -96,5 +96,5 @@ class NRES(knobs.AntitheticWindowKnobs):
             num_resets=jnp.sum(antithetic.group_any(restarted, g)),
             inner_steps=self.inner_steps_per_estimate,
         )
-        new_state = NRESState(force_reset(particles, broken[groups]), eps)
+        new_state = NRESState(force_reset(particles, repeat_members(broken, 2 * m)), eps)
         return unravel(meta_grad), new_state, metrics

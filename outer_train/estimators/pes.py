@@ -26,7 +26,7 @@ from outer_train.estimators.metrics import estimator_metrics
 from outer_train.unroll import (
     ParticleState,
     force_reset,
-    member_groups,
+    repeat_members,
     start_particles,
     unroll_particles,
     window_keys,
@@ -65,9 +65,9 @@ class PES(knobs.AntitheticWindowKnobs):
         theta_flat, unravel = ravel_pytree(theta)
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
         thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
-        groups = member_groups(g, 2 * m)
+        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
         particles, trace = unroll_particles(
-            self.problem, thetas, state.particles, keys.reset[groups], keys.step[groups],
+            self.problem, thetas, state.particles, reset_keys, step_keys,
             horizon=self.horizon, theta_axis=0,
         )
         pos, neg, _ = antithetic.split_members(trace.losses, g, m, with_center=False)
@@ -88,5 +88,5 @@ class PES(knobs.AntitheticWindowKnobs):
             num_resets=jnp.sum(antithetic.group_any(restarted, g)),
             inner_steps=self.inner_steps_per_estimate,
         )
-        new_state = PESState(force_reset(particles, broken[groups]), xi)
+        new_state = PESState(force_reset(particles, repeat_members(broken, 2 * m)), xi)
         return unravel(meta_grad), new_state, metrics

@@ -22,7 +22,6 @@ from outer_train.estimators.metrics import estimator_metrics
 from outer_train.unroll import (
     ParticleState,
     force_reset,
-    member_groups,
     repeat_members,
     start_particles,
     unroll_particles,
@@ -61,10 +60,10 @@ class TruncatedES(knobs.AntitheticWindowKnobs):
         theta_flat, unravel = ravel_pytree(theta)
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
         thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=True))
-        groups = member_groups(g, self.group_size)
+        reset_keys, step_keys = repeat_members((keys.reset, keys.step), self.group_size)
         members = repeat_members(state.particles, self.group_size)
         particles, trace = unroll_particles(
-            self.problem, thetas, members, keys.reset[groups], keys.step[groups],
+            self.problem, thetas, members, reset_keys, step_keys,
             horizon=self.horizon, theta_axis=0,
         )
         pos, neg, center = antithetic.split_members(trace.losses, g, m, with_center=True)
