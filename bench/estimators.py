@@ -9,7 +9,9 @@ a jitted estimate + Adam update (the estimator passed as an argument); steps/s c
 steps summed over all particles (``inner_steps_per_estimate``), after compilation.
 
 Each configuration runs in a fresh subprocess, so its peak RSS (``resource.getrusage``) is its
-own; ``rss_base_mb`` is the RSS after imports and data loading, before compiling anything.
+own; ``rss_base_mb`` is the RSS after imports and data loading, before compiling anything. The
+subprocess configures the host allocator as ``learned-opt`` does (``learned_opt.host_allocator``;
+``LEARNED_OPT_MALLOC=default`` to compare with glibc's defaults).
 Every subprocess also times a chained 1024^3 float32 matmul (before and after the estimator,
 same process, same load) and reports:
 
@@ -22,7 +24,9 @@ same process, same load) and reports:
   * ``achieved_gflops`` = steps/s x that count, and ``fraction_of_matmul`` = achieved / matmul:
     the load-independent efficiency figure to compare across machines and runs;
   * ``cpu_steps_per_s``: inner steps per CPU-second of this process (all threads): less noisy
-    than wall time on a shared machine.
+    than wall time on a shared machine;
+  * ``page_faults_per_outer_step`` (minor faults while timing): memory mapped anew per call,
+    see ``learned_opt.host_allocator`` (``host_allocator``: whether it was configured).
 
 Full backprop is also run at T = 100, 1000, 2000 (memory grows like sqrt(T) with the segmented
 rematerialization). ``--devices N`` splits the host CPU into N XLA devices
@@ -117,6 +121,9 @@ def _rss_mb() -> float:
 
 
 def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -> dict:
+    from learned_opt import host_allocator
+
+    allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
     # before JAX initializes its backends
     if devices == 0:  # as `learned-opt meta-train` does: one XLA CPU device per core
         from learned_opt.cli import split_host_into_devices
@@ -168,6 +175,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     theta, opt_state, state, metrics = out
 
     rates, cpu_rates = [], []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(outer_steps):
@@ -177,6 +185,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rates.append(outer_steps * est.inner_steps_per_estimate / wall)
         cpu_rates.append(outer_steps * est.inner_steps_per_estimate / cpu)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     matmul_after = _matmul_gflops()
     matmul = max(matmul_before, matmul_after)
     params = task.init(jax.random.key(0))
@@ -186,12 +195,14 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
         "config": config_name,
         "estimator": estimator_name,
         "devices": 1 if mesh is None else mesh.size,
+        "host_allocator": allocator,
         "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()},
         "inner_steps_per_estimate": est.inner_steps_per_estimate,
         "steps_per_s": steps,
         "steps_per_s_best": max(rates),
         "cpu_steps_per_s": statistics.median(cpu_rates),
         "compile_s": compile_s,
+        "page_faults_per_outer_step": faults / (repeats * outer_steps),
         "peak_rss_mb": _rss_mb(),
         "rss_base_mb": rss_base,
         "matmul_gflops": matmul,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from bench.common import emit
+from learned_opt import host_allocator
 from tasks.image_mlp import STANDARD_PRESET, preset
 from tasks.train import init_train_state, train_seeds, train_segment
 from tasks.train_cli import segment_evals
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    host_allocator.configure()  # as learned-opt does
 
     task = preset(STANDARD_PRESET, data_dir=args.data_dir)
     optimizer = optax.adam(args.lr)

@@ -39,7 +39,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit
-from learned_opt import MLPLOpt, per_param_mlp
+from learned_opt import MLPLOpt, host_allocator, per_param_mlp
 from tasks.datasets import ImageData, load_dataset
 from tasks.image_mlp import ImageMLPTask
 
@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
+    allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
     lopt = MLPLOpt()
     result = {
         "command": "python bench/lopt_step.py " + " ".join(argv or sys.argv[1:]),
+        "host_allocator": allocator,
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from learned_opt import host_allocator
 from learned_opt.errors import UserError
 
 # name -> (module, one-line help). Keep in the order a user meets them.
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        host_allocator.configure()
         return int(args._run(args) or 0)
     except UserError as e:  # bad input: one clear line, no traceback
         print(f"learned-opt {args.command}: error: {e}", file=sys.stderr)

@@ -136,6 +136,31 @@ def test_segmented_remat_gives_the_same_values_and_gradients(segment_length):
     np.testing.assert_allclose(grad_seg, grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("segment_length", [None, 3])
+def test_peeling_the_last_step_gives_the_same_values_states_and_gradients(segment_length):
+    """``peel_last`` (backprop runs the last step after the scan) changes no value: losses,
+    reset flags, the carried state and the gradient, here with a reset inside the window."""
+    lds = LinearSystemProblem.create(jax.random.key(0), init_scale=0.5, noise_scale=0.5)
+    state = unroll.start_episode(lds, jnp.zeros(4), jax.random.key(1), 6)
+    step_keys = jax.random.split(jax.random.key(2), 10)
+
+    def loss(theta, peel_last):
+        state_out, trace = unroll.unroll_window(
+            lds, theta, state, jax.random.key(3), step_keys, horizon=6,
+            segment_length=segment_length, peel_last=peel_last,
+        )
+        return jnp.mean(trace.losses), (state_out, trace)
+
+    theta = jnp.array([0.3, -0.2, 0.1, 0.5])
+    (value, aux), grad = jax.value_and_grad(loss, has_aux=True)(theta, False)
+    (value_peeled, aux_peeled), grad_peeled = jax.value_and_grad(loss, has_aux=True)(theta, True)
+    assert np.asarray(aux[1].after_reset).sum() == 4  # the reset before step 6
+    np.testing.assert_allclose(value_peeled, value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(aux_peeled), jax.tree.leaves(aux), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(grad_peeled, grad, rtol=1e-5, atol=1e-6)
+
+
 def test_reset_theta_applies_after_the_reset_only():
     """Noise-reuse ES: steps after an in-window reset run at the new episode's theta."""
 
