@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    host_allocator.configure()  # as learned-opt does
+    allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
 
     task = preset(STANDARD_PRESET, data_dir=args.data_dir)
     optimizer = optax.adam(args.lr)
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     best_steps_per_s = {name: args.steps / min(t) for name, t in times.items()}
     result = {
         "benchmark": "inner_train",
+        "host_allocator": allocator,
         "task": task.name,
         "optimizer": f"adam(lr={args.lr:g})",
         "num_seeds": args.seeds,

@@ -353,7 +353,7 @@ def meta_train(
         # the mesh as context: estimators that create their particles inside estimate (es,
         # full_bptt) split them over it too (unroll.constrain_particles)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            state = _loop(setup, step_fn, (estimators, outer_key), state, start, num_steps,
+            state = _loop(setup, step_fn, estimators, outer_key, state, start, num_steps,
                           logger, ckpt_dir, config_hash, evaluator, progress, log)
         finished = int(state.outer_step) >= config.run.num_outer_steps
         if finished and evaluator is not None:
@@ -408,8 +408,8 @@ def _evaluate(evaluator, state: MetaTrainState, logger: MetricsLogger,
     )
 
 
-def _loop(setup, step_fn, step_inputs, state, start, num_steps, logger, ckpt_dir, config_hash,
-          evaluator, progress, log) -> MetaTrainState:
+def _loop(setup, step_fn, estimators, outer_key, state, start, num_steps, logger, ckpt_dir,
+          config_hash, evaluator, progress, log) -> MetaTrainState:
     from tqdm.auto import tqdm
 
     config = setup.config
@@ -425,7 +425,7 @@ def _loop(setup, step_fn, step_inputs, state, start, num_steps, logger, ckpt_dir
     try:
         for n in range(start, num_steps):
             t0 = time.perf_counter()
-            state, metrics = step_fn(step_inputs[0], state, step_inputs[1])
+            state, metrics = step_fn(estimators, state, outer_key)
             metrics = jax.device_get(metrics)  # waits for the step: honest timings
             seconds = time.perf_counter() - t0
             window_steps += 1

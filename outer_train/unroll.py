@@ -385,6 +385,11 @@ def unroll_particles_grad(
     return losses, flat_grads, particles, trace
 
 
+def _splits(x, size: int) -> bool:
+    """Whether leaf x has a leading (particle) axis that ``size`` devices can share evenly."""
+    return x.ndim >= 1 and x.shape[0] % size == 0
+
+
 def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = "particles"):
     """Place ``tree`` (e.g. an estimator state) with its leading particle axis split over
     ``mesh``'s ``axis_name`` devices; leaves whose leading axis does not divide evenly (and
@@ -395,7 +400,7 @@ def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = "particles")
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def place(x):
-        return jax.device_put(x, split if x.ndim >= 1 and x.shape[0] % size == 0 else replicated)
+        return jax.device_put(x, split if _splits(x, size) else replicated)
 
     return jax.tree.map(place, tree)
 
@@ -413,9 +418,7 @@ def constrain_particles(tree, axis_name: str = "particles"):
     spec = jax.sharding.PartitionSpec(axis_name)
 
     def constrain(x):
-        if size <= 1 or x.ndim == 0 or x.shape[0] % size:
-            return x
-        return jax.lax.with_sharding_constraint(x, spec)
+        return jax.lax.with_sharding_constraint(x, spec) if size > 1 and _splits(x, size) else x
 
     return jax.tree.map(constrain, tree)
 
