@@ -10,8 +10,10 @@ steps summed over all particles (``inner_steps_per_estimate``), after compilatio
 
 Each configuration runs in a fresh subprocess, so its peak RSS (``resource.getrusage``) is its
 own; ``rss_base_mb`` is the RSS after imports and data loading, before compiling anything. The
-subprocess configures the host allocator as ``learned-opt`` does (``learned_opt.host_allocator``;
-``LEARNED_OPT_MALLOC=default`` to compare with glibc's defaults).
+subprocess configures the host allocator and XLA's CPU flags as ``learned-opt`` does
+(``learned_opt.host_allocator``, ``learned_opt.xla_cpu``; ``LEARNED_OPT_MALLOC=default`` and
+``LEARNED_OPT_LLVM_UNROLL=default`` to compare with the defaults; ``host_allocator`` and
+``llvm_full_unroll`` in the JSON say what was used).
 Every subprocess also times a chained 1024^3 float32 matmul (before and after the estimator,
 same process, same load) and reports:
 
@@ -42,6 +44,7 @@ parallelizes internally. Prints one JSON object (and writes it to ``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -121,17 +124,15 @@ def _rss_mb() -> float:
 
 
 def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -> dict:
-    from learned_opt import host_allocator
+    from learned_opt import host_allocator, xla_cpu
 
     allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
-    # before JAX initializes its backends
-    if devices == 0:  # as `learned-opt meta-train` does: one XLA CPU device per core
-        from learned_opt.cli import split_host_into_devices
-
-        split_host_into_devices()
-    elif devices > 1:
+    # XLA flags before JAX initializes its backends
+    if devices > 1:
         flag = f"--xla_force_host_platform_device_count={devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    # devices == 0: as `learned-opt meta-train` does (run.devices = 0), one device per core
+    unroll = "limited" if xla_cpu.configure(split_host=devices == 0) else "default"
     import jax
     import optax
 
@@ -163,29 +164,34 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     state = jax.jit(est.init)(init_key, theta)
     opt_state = meta_opt.init(theta)
     mesh = particle_mesh(devices)  # placed as meta-train places them for run.devices
+    mesh_scope = contextlib.nullcontext()
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         est, key, theta, opt_state = jax.device_put((est, key, theta, opt_state), replicated)
         state = shard_particles(state, mesh)
-        jax.set_mesh(mesh)  # es and full_bptt split the particles they create inside
-    t0 = time.perf_counter()
-    step_key, key = jax.random.split(key)
-    out = jax.block_until_ready(outer_step(est, step_key, theta, opt_state, state))
-    compile_s = time.perf_counter() - t0
-    theta, opt_state, state, metrics = out
+        mesh_scope = jax.set_mesh(mesh)  # es and full_bptt split the particles they create inside
+    with mesh_scope:
+        t0 = time.perf_counter()
+        step_key, key = jax.random.split(key)
+        out = jax.block_until_ready(outer_step(est, step_key, theta, opt_state, state))
+        compile_s = time.perf_counter() - t0
+        theta, opt_state, state, metrics = out
 
-    rates, cpu_rates = [], []
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(outer_steps):
-            step_key, key = jax.random.split(key)
-            theta, opt_state, state, metrics = outer_step(est, step_key, theta, opt_state, state)
-        jax.block_until_ready(theta)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rates.append(outer_steps * est.inner_steps_per_estimate / wall)
-        cpu_rates.append(outer_steps * est.inner_steps_per_estimate / cpu)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+        rates, cpu_rates = [], []
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(outer_steps):
+                step_key, key = jax.random.split(key)
+                theta, opt_state, state, metrics = outer_step(
+                    est, step_key, theta, opt_state, state
+                )
+            jax.block_until_ready(theta)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rates.append(outer_steps * est.inner_steps_per_estimate / wall)
+            cpu_rates.append(outer_steps * est.inner_steps_per_estimate / cpu)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    # outside the mesh: under it this single-device matmul ran at half the rate
     matmul_after = _matmul_gflops()
     matmul = max(matmul_before, matmul_after)
     params = task.init(jax.random.key(0))
@@ -196,6 +202,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
         "estimator": estimator_name,
         "devices": 1 if mesh is None else mesh.size,
         "host_allocator": allocator,
+        "llvm_full_unroll": unroll,
         "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()},
         "inner_steps_per_estimate": est.inner_steps_per_estimate,
         "steps_per_s": steps,

@@ -27,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from learned_opt import xla_cpu
+
+# as learned-opt does; before JAX starts (XLA reads its flags once)
+LLVM_FULL_UNROLL = "limited" if xla_cpu.configure(split_host=False) else "default"
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "inner_train",
         "host_allocator": allocator,
+        "llvm_full_unroll": LLVM_FULL_UNROLL,
         "task": task.name,
         "optimizer": f"adam(lr={args.lr:g})",
         "num_seeds": args.seeds,

@@ -30,13 +30,18 @@ import statistics
 import sys
 import time
 
+# run as a script from a checkout: make the repository importable without installing it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from learned_opt import xla_cpu
+
+# as learned-opt does; before JAX starts (XLA reads its flags once)
+LLVM_FULL_UNROLL = "limited" if xla_cpu.configure(split_host=False) else "default"
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-# run as a script from a checkout: make the repository importable without installing it
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit
 from learned_opt import MLPLOpt, host_allocator, per_param_mlp
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python bench/lopt_step.py " + " ".join(argv or sys.argv[1:]),
         "host_allocator": allocator,
+        "llvm_full_unroll": LLVM_FULL_UNROLL,
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
-from learned_opt import host_allocator
+from learned_opt import host_allocator, xla_cpu
 from learned_opt.errors import UserError
 
 # name -> (module, one-line help). Keep in the order a user meets them.
@@ -41,28 +40,18 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
 
 
 # Subcommands whose work is split over devices (particles): on CPU they get one XLA device per
-# core. XLA's CPU backend runs the many small ops of an unroll on one thread each; one device
-# per core runs each core's share of the particles side by side (TBPTT on the standard
-# workload: 1.8x on 2 cores).
+# core (``xla_cpu.split_host_into_devices``).
 SPLIT_HOST: frozenset[str] = frozenset({"meta-train"})
-
-
-def split_host_into_devices() -> None:
-    """Make the CPU backend expose one XLA device per core, unless JAX is already running or
-    the user chose a count (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and cores > 1:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
-    if selected in SPLIT_HOST:
-        split_host_into_devices()
+    try:  # before any subcommand module imports JAX
+        xla_cpu.configure(split_host=selected in SPLIT_HOST)
+    except UserError as e:
+        print(f"learned-opt: error: {e}", file=sys.stderr)
+        return 2
     parser = _build_parser(selected if selected in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
