@@ -5,7 +5,7 @@ importing JAX.
 
 ``split_host_into_devices``: one XLA device per core. XLA's CPU backend runs the many small ops
 of an unroll on one thread each; one device per core runs each core's share of the particles
-side by side (TBPTT on the standard workload: 1.8x on 2 cores).
+side by side (standard workload on 2 cores: PES 1.3x, TBPTT 1.3x, full-horizon ES 1.9x).
 
 ``limit_full_unroll``: LLVM fully unrolls every loop of at most a few dozen iterations whose
 body is small. XLA's CPU backend emits an elementwise op over [N, 32] arrays (the learned
