@@ -129,8 +129,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
     # XLA flags before JAX initializes its backends
     if devices > 1:
-        flag = f"--xla_force_host_platform_device_count={devices}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        xla_cpu.add_flag(f"--xla_force_host_platform_device_count={devices}")
     # devices == 0: as `learned-opt meta-train` does (run.devices = 0), one device per core
     unroll = "limited" if xla_cpu.configure(split_host=devices == 0) else "default"
     import jax

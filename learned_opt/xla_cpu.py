@@ -39,7 +39,8 @@ def _jax_started() -> bool:
     return "jax" in sys.modules
 
 
-def _append(environ: MutableMapping[str, str], flag: str) -> None:
+def add_flag(flag: str, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Append ``flag`` to ``XLA_FLAGS`` (effective only if JAX has not started yet)."""
     environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
@@ -50,7 +51,7 @@ def split_host_into_devices(environ: MutableMapping[str, str] = os.environ) -> N
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if cores and cores > 1:
-        _append(environ, f"--xla_force_host_platform_device_count={cores}")
+        add_flag(f"--xla_force_host_platform_device_count={cores}", environ)
 
 
 def _gpu_plugin_installed() -> bool:
@@ -78,7 +79,7 @@ def limit_full_unroll(environ: MutableMapping[str, str] = os.environ) -> bool:
         return False
     if _gpu_plugin_installed():
         return False
-    _append(environ, UNROLL_FLAG)
+    add_flag(UNROLL_FLAG, environ)
     return True
 
 
