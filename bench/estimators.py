@@ -47,14 +47,13 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from bench.common import emit
+from bench.common import emit, machine
 
 # Standard workload (see the module docstring).
 PAIRS = 8
@@ -269,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "sigma": SIGMA, "meta_loss": "train", "meta_opt": f"adam({META_LR})",
             "devices": args.devices,
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "loadavg_at_end": os.getloadavg()},
+        "machine": {**machine(), "loadavg_at_end": os.getloadavg()},
         "results": results,
     }
     emit(report, args.out, indent=2)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.common import emit
+from bench.common import emit, machine
 from learned_opt import MLPLOpt, host_allocator, per_param_mlp
 from tasks.datasets import ImageData, load_dataset
 from tasks.image_mlp import ImageMLPTask
@@ -215,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_allocator": allocator,
         "llvm_full_unroll": LLVM_FULL_UNROLL,
         "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
+            **machine(),
             "jax": jax.__version__,
             "device": str(jax.devices()[0]),
         },

@@ -268,7 +268,7 @@ def test_particles_split_over_two_host_devices_match_one_device(tmp_path):
     """The learned-opt command splits the host into one device per core and the particles over
     them (run.devices = 0). Same job with devices = 1 and 2 (a fresh process, 2 host devices):
     the same theta up to float rounding of the cross-device particle mean; the sharded state
-    checkpoints and resumes."""
+    checkpoints and resumes. The same job twice in two processes: the same theta bit for bit."""
     script = (
         "import sys\n"
         "from learned_opt.cli import main\n"
@@ -290,6 +290,7 @@ def test_particles_split_over_two_host_devices_match_one_device(tmp_path):
         return proc.stdout
 
     run(tmp_path / "one", 1, NUM_OUTER_STEPS)
+    run(tmp_path / "one_again", 1, NUM_OUTER_STEPS)
     assert "split over 2 devices" in run(tmp_path / "two", 0, 3)
     assert "resuming" in run(tmp_path / "two", 0, NUM_OUTER_STEPS, "--resume")
     one = learned_opt.load(tmp_path / "one" / OPTIMIZER_FILE).theta
@@ -297,6 +298,8 @@ def test_particles_split_over_two_host_devices_match_one_device(tmp_path):
     start = learned_opt.load(tmp_path / "one" / OPTIMIZER_FILE).optimizer.init(
         run_keys(0).theta
     )
+    # one machine, same command, another process: bit for bit (the README promises it)
+    assert bitwise_equal(one, learned_opt.load(tmp_path / "one_again" / OPTIMIZER_FILE).theta)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     moved = sum(float(np.abs(np.asarray(a) - np.asarray(s)).sum())

@@ -1,6 +1,8 @@
-"""xla_cpu: the XLA flags learned-opt sets before JAX starts, and what the unroll limit buys."""
+"""xla_cpu: the XLA flags learned-opt sets before JAX starts, and what the unroll limit does to the
+compiled code."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -59,47 +61,43 @@ def test_one_device_per_core_unless_the_user_chose(before_jax, monkeypatch):
     assert own["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
 
 
-# The same elementwise work over 443,648 floats laid out [13864, 32] (the learned optimizer's
-# hidden activations) and [6932, 64]: one process per setting, so the ratio is free of the
-# machine's load. Best of 5 rounds of 100 in-place updates.
+# An elementwise op over the learned optimizer's [N, 32] hidden activations, compiled in a fresh
+# process (XLA reads its flags once, at start) with its optimized LLVM IR dumped. With the limit
+# LLVM leaves the 32-column loop to its loop vectorizer: vector arithmetic only. Whether that is
+# faster, and by how much, depends on the CPU: that is bench/xla_unroll.py's job, not a test's.
 _SCRIPT = """
-import sys, time
+import sys
 from learned_opt import xla_cpu
 applied = xla_cpu.limit_full_unroll()
 import jax, jax.numpy as jnp
 from jax import lax
 
-def seconds(shape):
-    x, b = jnp.ones(shape), jnp.full(shape[-1:], 0.5)
-    f = jax.jit(lambda x, b: lax.fori_loop(0, 100, lambda i, y: jax.nn.relu(y * 0.999 + b), x))
-    f(x, b).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        f(x, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-print(applied, seconds((13864, 32)) / seconds((6932, 64)))
+x, b = jnp.ones((13864, 32)), jnp.full((32,), 0.5)
+f = jax.jit(lambda x, b: lax.fori_loop(0, 100, lambda i, y: jax.nn.relu(y * 0.999 + b), x))
+f(x, b).block_until_ready()
+print(applied)
 """
 
+_SCALAR = re.compile(r"= f(?:mul|add)(?: [a-z]+)* float ")
+_VECTOR = re.compile(r"= f(?:mul|add)(?: [a-z]+)* <\d+ x float>")
 
-def _narrow_over_wide(choice: str) -> tuple[bool, float]:
-    env = {**os.environ, xla_cpu.UNROLL_ENV_VAR: choice}
-    env.pop("XLA_FLAGS", None)
+
+def _fusion_ir(choice: str, dump_dir) -> tuple[bool, str]:
+    """(unroll limit applied, optimized LLVM IR of the loop body's fusion) in a fresh process."""
+    env = {**os.environ, xla_cpu.UNROLL_ENV_VAR: choice, "XLA_FLAGS": f"--xla_dump_to={dump_dir}"}
     out = subprocess.run(
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
-    return out[-2] == "True", float(out[-1])
+    (ir,) = [p for p in dump_dir.glob("*fusion*ir-with-opt.ll")]
+    return out[-1] == "True", ir.read_text()
 
 
 @pytest.mark.slow
-def test_unroll_limit_vectorizes_32_column_loops():
-    applied, default = _narrow_over_wide("default")
-    assert not applied
-    if default < 2.0:
-        pytest.skip(f"XLA/LLVM now vectorize [N, 32] loops by default ({default:.2f}x)")
-    applied, limited = _narrow_over_wide("limited")
+def test_unroll_limit_leaves_32_column_loops_to_the_vectorizer(tmp_path):
+    applied, limited = _fusion_ir("limited", tmp_path / "limited")
     assert applied
-    # measured: default 5.1-5.3x slower than the 64-column layout, limited 0.6-1.0x
-    assert limited < 1.5 < default, (default, limited)
+    assert _VECTOR.search(limited), "no vector float arithmetic in the fused loop"
+    assert not _SCALAR.search(limited), "scalar float arithmetic left in the fused loop"
+    applied, default = _fusion_ir("default", tmp_path / "default")
+    assert not applied
+    assert default != limited  # the flag reaches LLVM
