@@ -11,7 +11,7 @@ steps summed over all particles (``inner_steps_per_estimate``), after compilatio
 Each configuration runs in a fresh subprocess, so its peak RSS (``resource.getrusage``) is its
 own; ``rss_base_mb`` is the RSS after imports and data loading, before compiling anything. The
 subprocess configures the host allocator and XLA's CPU flags as ``learned-opt`` does
-(``learned_opt.host_allocator``, ``learned_opt.xla_cpu``; ``LEARNED_OPT_MALLOC=default`` and
+(``bench.common.configure_process``; ``LEARNED_OPT_MALLOC=default`` and
 ``LEARNED_OPT_LLVM_UNROLL=default`` to compare with the defaults; ``host_allocator`` and
 ``llvm_full_unroll`` in the JSON say what was used).
 Every subprocess also times a chained 1024^3 float32 matmul (before and after the estimator,
@@ -28,7 +28,7 @@ same process, same load) and reports:
   * ``cpu_steps_per_s``: inner steps per CPU-second of this process (all threads): less noisy
     than wall time on a shared machine;
   * ``page_faults_per_outer_step`` (minor faults while timing): memory mapped anew per call,
-    see ``learned_opt.host_allocator`` (``host_allocator``: whether it was configured).
+    see ``outer_train.runtime.host_allocator`` (``host_allocator``: whether it was configured).
 
 Full backprop is also run at T = 100, 1000, 2000 (memory grows like sqrt(T) with the segmented
 rematerialization). ``--devices N`` splits the host CPU into N XLA devices
@@ -53,7 +53,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import emit, machine
+from bench.common import configure_process, emit, machine, matmul_gflops, peak_rss_mb
 
 # Standard workload (see the module docstring).
 PAIRS = 8
@@ -86,28 +86,6 @@ REFERENCE = {"pes": 5000.0, "tbptt": 1000.0}
 GOALS = {"pes": 6000.0, "tbptt": 2000.0}
 
 
-def _matmul_gflops(repeats: int = 5, chain: int = 8) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    n = 1024
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n**0.5
-
-    @jax.jit
-    def f(x):
-        for _ in range(chain):
-            x = x @ a
-        return x
-
-    x = jax.block_until_ready(f(a))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * chain / best / 1e9
-
-
 def _inner_step_gflop(task, lopt, params, backprop: bool) -> float:
     """Analytic FLOPs of one particle's inner step (see the module docstring)."""
     import jax
@@ -118,19 +96,8 @@ def _inner_step_gflop(task, lopt, params, backprop: bool) -> float:
     return (3 if backprop else 1) * forward / 1e9
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -> dict:
-    from learned_opt import host_allocator, xla_cpu
-
-    allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
-    # XLA flags before JAX initializes its backends
-    if devices > 1:
-        xla_cpu.add_flag(f"--xla_force_host_platform_device_count={devices}")
-    # devices == 0: as `learned-opt meta-train` does (run.devices = 0), one device per core
-    unroll = "limited" if xla_cpu.configure(split_host=devices == 0) else "default"
+    process = configure_process(devices=devices)  # before JAX starts, as learned-opt does
     import jax
     import optax
 
@@ -148,8 +115,8 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     est = make_estimator(estimator_name, problem, **knobs)
     theta = lopt.init(jax.random.key(0))
     meta_opt = optax.adam(META_LR)
-    rss_base = _rss_mb()
-    matmul_before = _matmul_gflops()
+    rss_base = peak_rss_mb()
+    matmul_before = matmul_gflops()
 
     @jax.jit
     def outer_step(est, key, theta, opt_state, state):
@@ -190,7 +157,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
             cpu_rates.append(outer_steps * est.inner_steps_per_estimate / cpu)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     # outside the mesh: under it this single-device matmul ran at half the rate
-    matmul_after = _matmul_gflops()
+    matmul_after = matmul_gflops()
     matmul = max(matmul_before, matmul_after)
     params = task.init(jax.random.key(0))
     gflop = _inner_step_gflop(task, lopt, params, estimator_name in BACKPROP)
@@ -199,8 +166,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
         "config": config_name,
         "estimator": estimator_name,
         "devices": 1 if mesh is None else mesh.size,
-        "host_allocator": allocator,
-        "llvm_full_unroll": unroll,
+        **process,
         "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()},
         "inner_steps_per_estimate": est.inner_steps_per_estimate,
         "steps_per_s": steps,
@@ -208,7 +174,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
         "cpu_steps_per_s": statistics.median(cpu_rates),
         "compile_s": compile_s,
         "page_faults_per_outer_step": faults / (repeats * outer_steps),
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "rss_base_mb": rss_base,
         "matmul_gflops": matmul,
         "matmul_gflops_before_after": [matmul_before, matmul_after],

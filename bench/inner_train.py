@@ -6,7 +6,7 @@ valid splits every ``--eval-every`` steps, inside one jitted ``lax.scan``:
 
 * project: ``tasks.train.train_seeds`` (flax model, optax Adam through
   ``with_extra_args_support`` with ``loss=``, ``Task.sample_batch``);
-* segmented: the CLI's path, ``train_segment`` called in ~10 equal jitted segments;
+* segmented: the CLI's path, ``tasks.train.SegmentedTrainer`` (~10 equal jitted segments);
 * minimal: plain ``jnp`` MLP, hand-written Adam, the same batches (``fold_in(data_key, t)``)
   and the same initial params, so both compute the same numbers (checked: ``max_abs_diff``).
 
@@ -27,20 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-from learned_opt import xla_cpu
+from bench.common import configure_process, emit
 
-# as learned-opt does; before JAX starts (XLA reads its flags once)
-LLVM_FULL_UNROLL = "limited" if xla_cpu.configure(split_host=False) else "default"
+PROCESS = configure_process()  # as learned-opt train does; before JAX starts
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bench.common import emit
-from learned_opt import host_allocator
 from tasks.image_mlp import STANDARD_PRESET, preset
-from tasks.train import init_train_state, train_seeds, train_segment
-from tasks.train_cli import segment_evals
+from tasks.train import SegmentedTrainer, train_seeds
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -104,24 +100,6 @@ def minimal_train_fn(task, lr: float, num_steps: int, eval_every: int):
     return jax.jit(jax.vmap(one_seed, in_axes=(None, 0)))
 
 
-def segmented_fn(task, optimizer, num_steps: int, eval_every: int):
-    """The CLI's path: equal jitted segments of train_segment; returns final valid loss."""
-    num_evals = num_steps // eval_every
-    per_segment = segment_evals(num_evals)
-    init = jax.jit(jax.vmap(lambda t, k: init_train_state(t, optimizer, k), in_axes=(None, 0)))
-    segment = jax.jit(jax.vmap(
-        lambda t, s: train_segment(t, optimizer, s, per_segment, eval_every=eval_every),
-        in_axes=(None, 0)))
-
-    def run(task, keys):
-        state = init(task, keys)
-        for _ in range(num_evals // per_segment):
-            state, curves, _ = segment(task, state)
-        return curves.valid_loss[:, -1]
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2000)
@@ -132,18 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
 
     task = preset(STANDARD_PRESET, data_dir=args.data_dir)
     optimizer = optax.adam(args.lr)
     keys = jax.random.split(jax.random.key(0), args.seeds)
-    segmented = segmented_fn(task, optimizer, args.steps, args.eval_every)
+    segmented = SegmentedTrainer(optimizer, args.steps, eval_every=args.eval_every)
     minimal = minimal_train_fn(task, args.lr, args.steps, args.eval_every)
     runs = {
         "project": lambda: train_seeds(
             task, optimizer, keys, args.steps, eval_every=args.eval_every
         ).curves.valid_loss[:, -1],
-        "segmented": lambda: segmented(task, keys),
+        "segmented": lambda: segmented(task, keys).curves.valid_loss[:, -1],
         "minimal": lambda: minimal(task.data, keys),
     }
     finals, compile_s = {}, {}
@@ -163,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     best_steps_per_s = {name: args.steps / min(t) for name, t in times.items()}
     result = {
         "benchmark": "inner_train",
-        "host_allocator": allocator,
-        "llvm_full_unroll": LLVM_FULL_UNROLL,
+        **PROCESS,
         "task": task.name,
         "optimizer": f"adam(lr={args.lr:g})",
         "num_seeds": args.seeds,

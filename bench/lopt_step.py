@@ -1,6 +1,6 @@
 """Benchmark one MLPLOpt update against optax.adam, a forward+backward pass and dense matmul.
 
-    python bench/lopt_step.py [--steps 20] [--repeats 7] [--particles 16] [--row-tiles 4096,...]
+    python -m bench.lopt_step [--steps 20] [--repeats 7] [--particles 16] [--row-tiles 4096,...]
                               [--out FILE]
 
 Prints one JSON object. Every timing is a jitted ``lax.scan`` of ``--steps`` iterations (so the
@@ -24,26 +24,20 @@ update) vmapped over particles, in inner steps/s summed over particles, for MLPL
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-# run as a script from a checkout: make the repository importable without installing it
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import configure_process, emit, machine, matmul_chain
 
-from learned_opt import xla_cpu
-
-# as learned-opt does; before JAX starts (XLA reads its flags once)
-LLVM_FULL_UNROLL = "limited" if xla_cpu.configure(split_host=False) else "default"
+PROCESS = configure_process()  # as learned-opt does; before JAX starts
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.common import emit, machine
-from learned_opt import MLPLOpt, host_allocator, per_param_mlp
+from learned_opt import MLPLOpt, per_param_mlp
 from tasks.datasets import ImageData, load_dataset
 from tasks.image_mlp import ImageMLPTask
 
@@ -59,13 +53,6 @@ def _timed_rounds(fns: dict, repeats: int, steps: int) -> dict[str, dict[str, fl
             jax.block_until_ready(fn())
             times[name].append((time.perf_counter() - start) / steps * 1e6)
     return {n: {"us": min(t), "median_us": statistics.median(t)} for n, t in times.items()}
-
-
-def _matmul_chain(steps: int, n: int = 1024):
-    """``steps`` dependent n^3 float32 matmuls (2 n^3 FLOPs each) in one jitted loop."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n), jnp.float32)
-    run = jax.jit(lambda a: jax.lax.fori_loop(0, steps, lambda i, c: (c @ a) * 0.5, a))
-    return (lambda: run(a)), 2 * n**3
 
 
 def _make_task(model: str) -> ImageMLPTask:
@@ -113,7 +100,7 @@ def bench_model(model: str, lopt: MLPLOpt, args) -> dict:
 
         return jax.lax.scan(body, params, None, length=steps)[0]
 
-    matmul, matmul_flops = _matmul_chain(steps)
+    matmul, matmul_flops = matmul_chain(steps)
     fns = {
         "matmul_1024": matmul,  # the machine's dense matmul rate, under the same load
         "lopt_update": lambda: lopt_run(theta, params, grads),
@@ -207,12 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    allocator = "tuned" if host_allocator.configure() else "default"  # as learned-opt does
     lopt = MLPLOpt()
     result = {
-        "command": "python bench/lopt_step.py " + " ".join(argv or sys.argv[1:]),
-        "host_allocator": allocator,
-        "llvm_full_unroll": LLVM_FULL_UNROLL,
+        "command": "python -m bench.lopt_step " + " ".join(argv or sys.argv[1:]),
+        **PROCESS,
         "machine": {
             **machine(),
             "jax": jax.__version__,

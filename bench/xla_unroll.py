@@ -1,4 +1,4 @@
-"""What the LLVM unroll limit (``learned_opt.xla_cpu.limit_full_unroll``) does for speed.
+"""What the LLVM unroll limit (``outer_train.runtime.xla_cpu.limit_full_unroll``) does for speed.
 
     python -m bench.xla_unroll [--repeats 5] [--out FILE]
 
@@ -24,7 +24,7 @@ from bench.common import emit, machine
 
 _SCRIPT = """
 import json, sys, time
-from learned_opt import xla_cpu
+from outer_train.runtime import xla_cpu
 applied = xla_cpu.limit_full_unroll()
 import jax, jax.numpy as jnp
 from jax import lax

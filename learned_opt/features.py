@@ -84,8 +84,8 @@ def flatten(layout: FlatLayout, tree: Any) -> jax.Array:
     """The raveled leaves of ``tree`` (laid out as ``layout``) end to end: float32 [P_total].
 
     Concatenated as [n, 1] columns: XLA's CPU backend emits a 1-D ``concatenate`` of differently
-    sized operands as a slow per-element loop (9x slower on the 784-256-256-10 MLP's leaves),
-    and slice updates of one buffer turn into scatters under vmap.
+    sized operands as a slow per-element loop, and slice updates of one buffer turn into
+    scatters under vmap.
     """
     return jnp.concatenate([leaf.reshape(-1, 1) for leaf in jax.tree.leaves(tree)])[:, 0]
 

@@ -14,7 +14,6 @@ file in the same directory, fsync, ``os.replace``), so a crash never leaves a ha
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -29,17 +28,13 @@ import optax
 
 from learned_opt.base import LearnedOptimizer, Theta
 from learned_opt.errors import UserError
-from learned_opt.hyper import LearnedAdam, LearnedMomentum, LearnedSGD
-from learned_opt.mlp_lopt import MLPLOpt
+from learned_opt.registry import OPTIMIZERS, make
 
 FORMAT = "learned-opt/optimizer"
 FORMAT_VERSION = 1
 _HEADER = "header.json"
 _THETA_DIR = "theta/"
 
-# name -> class; a class is rebuilt as cls(**config). Extend with ``register``.
-OPTIMIZERS: dict[str, type] = {cls.name: cls for cls in (MLPLOpt, LearnedSGD, LearnedMomentum,
-                                                          LearnedAdam)}
 
 
 class LoadedOptimizer(NamedTuple):
@@ -48,14 +43,6 @@ class LoadedOptimizer(NamedTuple):
     tx: optax.GradientTransformationExtraArgs
     optimizer: LearnedOptimizer
     theta: Theta
-
-
-def register(cls: type) -> type:
-    """Make a LearnedOptimizer dataclass loadable by its ``name`` (usable as a decorator)."""
-    if not dataclasses.is_dataclass(cls) or not isinstance(getattr(cls, "name", None), str):
-        raise TypeError(f"{cls!r} must be a dataclass with a class attribute `name: str`")
-    OPTIMIZERS[cls.name] = cls
-    return cls
 
 
 def _flatten_theta(theta: Theta) -> dict[str, np.ndarray]:
@@ -129,7 +116,7 @@ def _optimizer_name(optimizer: Any) -> str:
     if OPTIMIZERS.get(name) is not type(optimizer):
         raise UserError(
             f"cannot save a {type(optimizer).__name__}: it is not a registered learned "
-            f"optimizer (known: {', '.join(sorted(OPTIMIZERS))}); use learned_opt.io.register"
+            f"optimizer (known: {', '.join(sorted(OPTIMIZERS))}); use learned_opt.registry.register"
         )
     return name
 
@@ -192,26 +179,13 @@ def _read_header(archive: zipfile.ZipFile, where: str) -> dict[str, Any]:
 
 
 def _build_optimizer(header: dict[str, Any], where: str) -> LearnedOptimizer:
-    name, config = header.get("optimizer"), header.get("config")
-    cls = OPTIMIZERS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise UserError(
-            f"{where}: unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}"
-        )
+    config = header.get("config")
     if not isinstance(config, dict):
         raise UserError(f"{where}: header config must be a JSON object, got {config!r}")
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise UserError(
-            f"{where}: unknown {name} config keys {unknown}; allowed: {sorted(allowed)}"
-        )
     try:
-        return cls(**config)
+        return make(header.get("optimizer"), **config)
     except UserError as e:
-        raise UserError(f"{where}: invalid {name} config: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: invalid {name} config ({e})") from None
+        raise UserError(f"{where}: {e}") from None
 
 
 def load(path: str | os.PathLike) -> LoadedOptimizer:

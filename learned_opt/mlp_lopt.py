@@ -28,7 +28,7 @@ How it is made fast (it runs millions of times inside meta-training, vmapped ove
   * Backprop through the update (TBPTT, full backprop, hybrid) uses ONE hand-written VJP for
     the whole per-parameter part (``_per_param_update``): it saves only the flat gradient,
     params and old momenta per step (plus two output terms per parameter) and recomputes
-    features and activations; JAX's own transpose of these ops is 3-4x slower on CPU (see
+    features and activations; JAX's own transpose of these ops is much slower on CPU (see
     ``per_param_mlp``). The price: reverse mode only -- forward-mode AD through the update
     (``jax.jvp``, ``jacfwd``) raises JAX's "can't apply forward-mode autodiff (jvp) to a
     custom_vjp function".

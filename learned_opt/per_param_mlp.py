@@ -21,8 +21,7 @@ backward is written as ops XLA runs well -- [N, H] x [H, H] matmuls, matrix-vect
 one fused elementwise pass per layer, column sums -- and saves only x and two floats per row
 (``Saved``: the output terms): the activations are recomputed in the backward pass (one more
 [N, H] x [H, H] matmul per hidden layer, cheaper on CPU than writing and re-reading [N, H]
-activations per layer per step; saving the last one, TBPTT ran 0.71x as fast with glibc's
-default allocator and 0.975x with ``learned_opt.host_allocator``).
+activations per layer per step).
 
 Large N (one big model, or many particles' models at once) runs over row tiles (``ROW_TILE``)
 so the [tile, H] intermediates stay in cache; the backward pass tiles the same way and sums the
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 
 # Rows per tile when N is large: [tile, 32] float32 intermediates are 2 MiB, and stay in cache
-# instead of streaming [N, 32] arrays through DRAM once per layer (measured on 2 cores, 784-256-
-# 256-10 MLP, 269k rows: 16384-row tiles 6.7 ms vs 9.0 ms untiled).
+# instead of streaming [N, 32] arrays through DRAM once per layer (``bench/lopt_step.py
+# --row-tiles`` sweeps it).
 ROW_TILE = 16384
 
 
@@ -81,7 +80,7 @@ def _activations(w: Weights, x, shared_bias) -> list[jax.Array]:
 def _outputs(w: Weights, h: jax.Array, scales: Scales):
     """-> (step [N], factor [N], d [N]) with factor = exp(m * exp_mult) * step_mult.
     Kept a [H, 2] dot: written as two row sums, XLA's CPU backend fuses them with the matmul
-    before into one kernel that was measured 1.5-2x slower."""
+    before into one slower kernel."""
     out = h @ w.out_kernel + w.out_bias
     d, m = out[:, 0], out[:, 1]
     factor = jnp.exp(m * scales.exp_mult) * scales.step_mult
@@ -92,7 +91,7 @@ class Saved(NamedTuple):
     """The output terms the forward pass keeps for the backward: factor [N], d [N] (two floats
     per row). Recomputing them would need the output dot in the backward pass, whose [N, H]
     input XLA then builds a second time (the ReLU of the last hidden layer is fused into each
-    of its consumers): measured 3-6% of a TBPTT step."""
+    of its consumers)."""
 
     factor: jax.Array
     d: jax.Array

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from learned_opt.errors import UserError
+from tasks.errors import TaskError
 
 # --------------------------------------------------------------------------------------------
 # Field helpers: a default plus the allowed range, kept in the field's metadata.
@@ -84,11 +85,12 @@ class FamilyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LOptConfig:
-    """The learned optimizer (``learned_opt``): ``mlp`` is the per-parameter MLP (MLPLOpt);
-    ``sgd``/``momentum``/``adam`` are the hyperparameter learned optimizers (LearnedSGD, ...).
-    ``hidden_sizes`` applies to ``mlp`` only."""
+    """The learned optimizer, by its name in ``learned_opt.registry`` (the name saved files
+    carry): ``mlp_lopt`` is the per-parameter MLP (MLPLOpt); ``learned_sgd`` /
+    ``learned_momentum`` / ``learned_adam`` are the hyperparameter learned optimizers
+    (LearnedSGD, ...). ``hidden_sizes`` applies to ``mlp_lopt`` only."""
 
-    name: Literal["mlp", "sgd", "momentum", "adam"] = "mlp"
+    name: Literal["mlp_lopt", "learned_sgd", "learned_momentum", "learned_adam"] = "mlp_lopt"
     hidden_sizes: tuple[int, ...] = (32, 32)
 
 
@@ -96,7 +98,7 @@ class LOptConfig:
 class ProblemConfig:
     """The meta-objective (``outer_train.problem.LearnedOptProblem``): per-step meta-loss on
     the ``train`` batch or a fresh ``valid`` batch, transformed by ``loss_transform``
-    (``tasks.meta_loss.LOSS_TRANSFORMS``) with clip value ``loss_clip`` (0 = the task's
+    (``outer_train.meta_loss.LOSS_TRANSFORMS``) with clip value ``loss_clip`` (0 = the task's
     1.5 log(num_classes))."""
 
     meta_loss: Literal["train", "valid"] = "train"
@@ -213,7 +215,7 @@ class MetaTrainConfig:
         if self.task.kind == "family":
             try:
                 self.make_family()
-            except UserError as e:
+            except (UserError, TaskError) as e:
                 raise UserError(f"[family] {e}") from None
         for key, sizes in (("task.hidden_sizes", self.task.hidden_sizes),
                            ("lopt.hidden_sizes", self.lopt.hidden_sizes)):
@@ -406,9 +408,9 @@ def config_from_dict(data: Mapping[str, Any]) -> MetaTrainConfig:
                 f"estimator.{key} is not a knob of estimator {name!r}; its knobs: "
                 f"{', '.join(allowed[:-1])}"
             )
-    if "hidden_sizes" in data.get("lopt", {}) and config.lopt.name != "mlp":
+    if "hidden_sizes" in data.get("lopt", {}) and config.lopt.name != "mlp_lopt":
         raise UserError(
-            f"lopt.hidden_sizes applies to lopt.name = 'mlp' only, not {config.lopt.name!r}"
+            f"lopt.hidden_sizes applies to lopt.name = 'mlp_lopt' only, not {config.lopt.name!r}"
         )
     return config
 
@@ -474,13 +476,13 @@ def to_toml(config: MetaTrainConfig) -> str:
     """Writes a config as TOML (the inverse of ``load_config``; used to save a run's config).
 
     Only keys that apply are written: the chosen estimator's knobs, ``lopt.hidden_sizes`` for
-    ``mlp`` only, ``[family]`` for a family only.
+    ``mlp_lopt`` only, ``[family]`` for a family only.
     """
     from outer_train.estimators import estimator_knobs
 
     skip = {"estimator": set(dataclasses.asdict(config.estimator))
             - {"name", *estimator_knobs(config.estimator.name)}}
-    if config.lopt.name != "mlp":
+    if config.lopt.name != "mlp_lopt":
         skip["lopt"] = {"hidden_sizes"}
     lines = []
     for section, values in config.to_dict().items():

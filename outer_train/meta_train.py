@@ -39,9 +39,9 @@ from learned_opt.errors import UserError
 from outer_train import checkpoint
 from outer_train.config import LOptConfig, MetaOptConfig, MetaTrainConfig, to_toml
 from outer_train.logging import MetricsLogger, truncate_after
+from outer_train.meta_loss import all_finite
 from outer_train.unroll import shard_particles
 from tasks.base import Task
-from tasks.meta_loss import all_finite
 
 OPTIMIZER_FILE = "learned_optimizer.lopt"  # learned_opt.save format (a zip of .npy + JSON)
 
@@ -106,16 +106,12 @@ class MetaTrainSetup:
 
 
 def make_lopt(cfg: LOptConfig) -> LearnedOptimizer:
-    """The learned optimizer named by ``[lopt]``."""
-    if cfg.name == "mlp":
-        from learned_opt.mlp_lopt import MLPLOpt
+    """The learned optimizer named by ``[lopt]`` (``learned_opt.registry``)."""
+    from learned_opt import registry
 
-        return MLPLOpt(hidden_sizes=cfg.hidden_sizes)
-    from learned_opt import hyper
-
-    classes = {"sgd": hyper.LearnedSGD, "momentum": hyper.LearnedMomentum,
-               "adam": hyper.LearnedAdam}
-    return classes[cfg.name]()
+    if cfg.name == "mlp_lopt":
+        return registry.make(cfg.name, hidden_sizes=cfg.hidden_sizes)
+    return registry.make(cfg.name)
 
 
 @functools.lru_cache(maxsize=16)

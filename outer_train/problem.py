@@ -6,7 +6,7 @@ One inner step (REFERENCE.md notation, s_t = (params_t, opt_state_t)):
     params_{t+1} = params_t + updates
     meta-loss l_t = transform(loss_t)                                   (meta_loss="train")
                   = transform(task.loss(params_{t+1}, fresh valid batch))  (meta_loss="valid")
-``transform`` is ``tasks.meta_loss.transform_loss`` (clip at the task's ``loss_clip`` by
+``transform`` is ``outer_train.meta_loss.transform_loss`` (clip at the task's ``loss_clip`` by
 default); a non-finite loss gives NaN so the engine counts it and resets the particle.
 """
 
@@ -20,8 +20,8 @@ import optax
 
 from learned_opt.base import LearnedOptimizer, Theta
 from learned_opt.errors import UserError
+from outer_train.meta_loss import LOSS_TRANSFORMS, transform_loss
 from tasks.base import Params, PRNGKey, Task
-from tasks.meta_loss import LOSS_TRANSFORMS, transform_loss
 
 META_LOSSES: dict[str, str] = {
     "train": "the training-batch loss of the params before each update",
@@ -44,7 +44,7 @@ class LearnedOptProblem:
     task: a Task pytree (its data arrays are leaves, so jit takes the problem as an argument).
     lopt: the learned optimizer (static configuration).
     meta_loss: "train" or "valid" (``META_LOSSES``).
-    loss_transform: one of ``tasks.meta_loss.LOSS_TRANSFORMS``.
+    loss_transform: one of ``outer_train.meta_loss.LOSS_TRANSFORMS``.
     loss_clip: clip value of the transform; None -> ``task.loss_clip``.
     """
 

@@ -35,7 +35,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from outer_train.base import InnerProblem, InnerState, PRNGKey, Theta
-from tasks.meta_loss import masked_mean
+from outer_train.meta_loss import masked_mean
 
 Horizon = int | tuple[int, int]
 
@@ -191,9 +191,7 @@ def unroll_window(
       but inside a scan every step gets the same backward pass, while after it JAX sees that
       the last step's new state feeds no loss of the window (with the training-batch
       meta-loss): the backward through its update and the second-order backward through its
-      task gradient are left out. TBPTT, standard workload (K = 20): 1.02-1.08x in three
-      same-process A/Bs. (Peeling the first step as well, whose inputs are constants, gained
-      less and pushed the program's temporaries past 32 MiB: see ``learned_opt.host_allocator``.)
+      task gradient are left out.
     """
     if reset_key is not None:
         fresh_theta = theta if reset_theta is None else reset_theta
@@ -259,8 +257,8 @@ def _abstract(tree, drop_leading_axis: bool = False):
 
 
 # Backprop through a window stores every step's residuals when all particles' residuals fit in
-# this many bytes: no recomputation, and on CPU ~1.3x faster than segments (TBPTT, standard
-# workload: 20 steps x 8 particles x 0.32 MB = 51 MB). Longer unrolls are rematerialized in
+# this many bytes: no recomputation, which on CPU beats rematerialized segments (a TBPTT window of
+# the standard workload, 20 steps x 8 particles, fits). Longer unrolls are rematerialized in
 # segments.
 STORE_ALL_RESIDUALS_BYTES = 256 * 2**20
 
@@ -275,7 +273,7 @@ def memory_optimal_segment(
     ``STORE_ALL_RESIDUALS_BYTES``. Otherwise the segment that minimizes memory: ~ (T/s) carries
     + s steps' residuals, minimal at s = sqrt(T * carry / residual); ``residual`` = bytes of one
     step's VJP residuals, measured with ``eval_shape`` at trace time (no FLOPs). At least 2:
-    one-step segments were measured slower.
+    one-step segments are slower than two-step ones.
     """
     key = jax.random.key(0)
     residuals = jax.eval_shape(

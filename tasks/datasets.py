@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
 from tasks.splits import carve
 
 IMAGE_SIZES = (8, 16, 28, 32)
@@ -82,11 +82,11 @@ def load_dataset(
         dataset is prepared, so they are not part of the key.
 
     Raises:
-      UserError: unknown name, a dataset that is not prepared and has no files, bad files or
+      TaskError: unknown name, a dataset that is not prepared and has no files, bad files or
         an unsupported ``image_size``; the message says what to do.
     """
     if image_size is not None and image_size not in IMAGE_SIZES:
-        raise UserError(
+        raise TaskError(
             f"image_size {image_size} is not supported; use one of {IMAGE_SIZES} or None"
         )
     from tasks.tfds_sources import resolve_data_dir  # TFDS imported only when data is loaded

@@ -20,8 +20,8 @@ import itertools
 
 import jax
 
-from learned_opt.errors import UserError
 from tasks.datasets import IMAGE_SIZES
+from tasks.errors import TaskError
 from tasks.image_mlp import ACTIVATIONS, ImageMLPConfig, ImageMLPTask, make_task
 
 
@@ -45,22 +45,22 @@ class ImageMLPFamily:
     def __post_init__(self):
         for field in ("datasets", "widths", "depths", "activations", "batch_sizes"):
             if not getattr(self, field):
-                raise UserError(f"ImageMLPFamily.{field} must not be empty")
+                raise TaskError(f"ImageMLPFamily.{field} must not be empty")
         if min(self.depths) < 1 or min(self.widths) < 1 or min(self.batch_sizes) < 1:
-            raise UserError("depths, widths and batch_sizes must be positive")
+            raise TaskError("depths, widths and batch_sizes must be positive")
         for _, size in self.datasets:
             if size is not None and size not in IMAGE_SIZES:
-                raise UserError(f"image size {size} is not one of {IMAGE_SIZES} or None")
+                raise TaskError(f"image size {size} is not one of {IMAGE_SIZES} or None")
         for act in self.activations:
             if act not in ACTIVATIONS:
-                raise UserError(f"unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
+                raise TaskError(f"unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
         for width, act in self.heldout_pairs:
             if width not in self.widths or act not in self.activations:
-                raise UserError(
+                raise TaskError(
                     f"held-out pair ({width}, {act!r}) is not in widths x activations"
                 )
         if not self.train_variants() or not self.heldout_variants():
-            raise UserError("the held-out pairs leave no training (or no held-out) variants")
+            raise TaskError("the held-out pairs leave no training (or no held-out) variants")
 
     def variants(self) -> list[ImageMLPConfig]:
         """Every variant, in a fixed order."""
@@ -105,6 +105,6 @@ class ImageMLPFamily:
         """``n`` distinct held-out tasks (without replacement) for meta-testing."""
         configs = self.heldout_variants()
         if not 0 < n <= len(configs):
-            raise UserError(f"asked for {n} held-out tasks; this family has {len(configs)}")
+            raise TaskError(f"asked for {n} held-out tasks; this family has {len(configs)}")
         order = jax.random.permutation(key, len(configs))[:n]
         return [make_task(configs[int(i)], data_dir=self.data_dir) for i in order]

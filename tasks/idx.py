@@ -3,7 +3,7 @@
 Layout (big-endian): two zero bytes, one dtype code, one byte ``ndim``, then ``ndim`` uint32
 dimension sizes, then the data in C order. Files may be gzip-compressed (``*.gz``).
 Every malformed file (bad magic, unknown dtype, truncated, trailing bytes, broken gzip) raises
-``UserError`` naming the file, so a damaged download never becomes a silently wrong dataset.
+``TaskError`` naming the file, so a damaged download never becomes a silently wrong dataset.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
 
 # IDX dtype code -> big-endian NumPy dtype.
 _DTYPES = {
@@ -38,22 +38,22 @@ def read_idx(path: str | Path) -> np.ndarray:
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"cannot read IDX file {path}: {e}; {fix}") from e
+        raise TaskError(f"cannot read IDX file {path}: {e}; {fix}") from e
     if len(raw) < 4 or raw[:2] != b"\0\0":
-        raise UserError(f"{path} is not an IDX file (bad magic number); {fix}")
+        raise TaskError(f"{path} is not an IDX file (bad magic number); {fix}")
     code, ndim = raw[2], raw[3]
     if code not in _DTYPES:
-        raise UserError(f"{path}: unknown IDX data type code 0x{code:02x}; {fix}")
+        raise TaskError(f"{path}: unknown IDX data type code 0x{code:02x}; {fix}")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise UserError(f"{path} is truncated inside its header; {fix}")
+        raise TaskError(f"{path} is truncated inside its header; {fix}")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = _DTYPES[code]
     expected = math.prod(shape) * dtype.itemsize
     found = len(raw) - header
     if found != expected:
         what = "truncated" if found < expected else "longer than its header says"
-        raise UserError(
+        raise TaskError(
             f"{path} is {what}: header shape {shape} needs {expected} data bytes, "
             f"file has {found}; {fix}"
         )

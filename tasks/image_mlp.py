@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learned_opt.errors import UserError
 from tasks.base import ImageBatch
 from tasks.datasets import ImageData, load_dataset
+from tasks.errors import TaskError
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -111,13 +111,13 @@ class ImageMLPConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(w) for w in self.hidden_sizes))
         if self.activation not in ACTIVATIONS:
-            raise UserError(
+            raise TaskError(
                 f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}"
             )
         if any(w < 1 for w in self.hidden_sizes):
-            raise UserError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
+            raise TaskError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
         if self.batch_size < 1:
-            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+            raise TaskError(f"batch_size must be positive, got {self.batch_size}")
 
     @property
     def name(self) -> str:
@@ -171,5 +171,5 @@ PRESETS: dict[str, ImageMLPConfig] = {
 def preset(name: str, **data_kwargs) -> ImageMLPTask:
     """The task of preset ``name`` (see ``PRESETS``); ``data_kwargs`` go to ``make_task``."""
     if name not in PRESETS:
-        raise UserError(f"unknown task preset {name!r}; available: {', '.join(PRESETS)}")
+        raise TaskError(f"unknown task preset {name!r}; available: {', '.join(PRESETS)}")
     return make_task(PRESETS[name], **data_kwargs)

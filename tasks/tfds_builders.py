@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
 from tasks.idx import read_idx
 from tasks.splits import carve
 
@@ -110,24 +110,24 @@ def read_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np
     """Read and cross-check one split: uint8 images [N, 28, 28] and labels [N] in 0..9."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise UserError(
+        raise TaskError(
             f"{images_path}: expected uint8 images of shape [N, 28, 28], "
             f"found {images.dtype} {list(images.shape)}; is it the right file?"
         )
     if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise UserError(
+        raise TaskError(
             f"{labels_path}: expected uint8 labels of shape [N], "
             f"found {labels.dtype} {list(labels.shape)}; is it the right file?"
         )
     if len(images) != len(labels):
-        raise UserError(
+        raise TaskError(
             f"{images_path} holds {len(images)} images but {labels_path} holds "
             f"{len(labels)} labels; the two files must come from the same split"
         )
     if len(labels) == 0:
-        raise UserError(f"{images_path} holds no examples")
+        raise TaskError(f"{images_path} holds no examples")
     if labels.max() > 9:
-        raise UserError(f"{labels_path}: label {labels.max()} is outside 0..9")
+        raise TaskError(f"{labels_path}: label {labels.max()} is outside 0..9")
     return images, labels
 
 
@@ -146,7 +146,7 @@ class _IdxImages(_ImageArrayBuilder, skip_registration=True):
         manual_dir = Path(dl_manager.manual_dir)
         found, missing = find_idx_files(manual_dir)
         if missing:
-            raise UserError(f"missing IDX files in {manual_dir}: {', '.join(missing)}")
+            raise TaskError(f"missing IDX files in {manual_dir}: {', '.join(missing)}")
         # Read and validate every file before the first example is written.
         arrays = {
             split: read_idx_split(found[images], found[labels])

@@ -12,7 +12,7 @@ default, see ``resolve_data_dir``):
   array_record is read with ``tfds.data_source``; TFRecord with ``tfds.load`` when TensorFlow
   (the ``tf`` extra) is installed. ``download=True`` lets TFDS download and prepare it.
 
-Every failure is a ``UserError`` raised from file-system checks alone (no network), within
+Every failure is a ``TaskError`` raised from file-system checks alone (no network), within
 milliseconds, naming what is missing and where to put it.
 """
 
@@ -26,8 +26,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from learned_opt.errors import UserError
 from tasks import tfds_builders
+from tasks.errors import TaskError
 from tasks.tfds_builders import FILE_FORMAT
 
 BUILTIN_DATASETS = tuple(tfds_builders.BUILDERS)
@@ -95,7 +95,7 @@ def read_source(
             return _read_builder(_prepared_builtin(name, data_dir, manual_dir))
         if (catalog_copy := _find_prepared(name, data_dir)) is not None:
             return _read_prepared(catalog_copy, data_dir)
-        raise UserError(
+        raise TaskError(
             f"dataset {name!r} is not prepared in {data_dir} and its IDX files are not in "
             f"{manual_dir} (missing: {', '.join(missing)}). Put the original IDX files "
             f"there, plain or .gz (from {tfds_builders.BUILDERS[name].HOMEPAGE}), or point "
@@ -108,7 +108,7 @@ def read_source(
     if base in catalog:
         if download:
             return _read_data_source(name, data_dir, download=True)
-        raise UserError(
+        raise TaskError(
             f"dataset {name!r} is not prepared in {data_dir} (expected {data_dir / base}/"
             "<version>/ with dataset_info.json and its data files) and downloading was not "
             f"requested. Prepare it there (e.g. `tfds build {base} --data_dir {data_dir} "
@@ -117,7 +117,7 @@ def read_source(
         )
     builder_dirs = {cls.name for cls in tfds_builders.BUILDERS.values()}
     prepared = [n for n in prepared_datasets(data_dir) if n not in builder_dirs]
-    raise UserError(
+    raise TaskError(
         f"unknown dataset {name!r}. Available: built-in {', '.join(BUILTIN_DATASETS)}; "
         f"prepared in {data_dir}: {', '.join(prepared) or 'none'}. Any TFDS catalog "
         "dataset of fixed-size uint8 images can be used once prepared in the data dir"
@@ -178,13 +178,13 @@ def _read_prepared(builder: tfds.core.DatasetBuilder, data_dir: Path) -> RawImag
         return _read_data_source(pinned, data_dir, download=False)
     if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
         if importlib.util.find_spec("tensorflow") is None:
-            raise UserError(
+            raise TaskError(
                 f"dataset {pinned} in {data_dir} is stored as TFRecord, which needs TensorFlow: "
                 "install the tf extra (pip install 'learned-opt[tf]'), or prepare it again "
                 "with --file_format array_record"
             )
         return _read_tfrecord(pinned, data_dir)
-    raise UserError(
+    raise TaskError(
         f"dataset {pinned} in {data_dir} is stored as {builder.info.file_format.value}; "
         "prepare it as array_record (or TFRecord with TensorFlow installed)"
     )
@@ -194,16 +194,16 @@ def _keys_and_classes(info: tfds.core.DatasetInfo, name: str) -> tuple[str, str,
     image_key, label_key = info.supervised_keys or ("image", "label")
     features = info.features
     if image_key not in features or label_key not in features:
-        raise UserError(f"dataset {name} has no ({image_key!r}, {label_key!r}) features")
+        raise TaskError(f"dataset {name} has no ({image_key!r}, {label_key!r}) features")
     image, label = features[image_key], features[label_key]
     shape = tuple(image.shape)
     if len(shape) != 3 or None in shape or shape[-1] not in (1, 3) or image.np_dtype != np.uint8:
-        raise UserError(
+        raise TaskError(
             f"dataset {name}: feature {image_key!r} is {image.np_dtype} {shape}; "
             "need fixed-size uint8 images [H, W, 1 or 3]"
         )
     if not isinstance(label, tfds.features.ClassLabel):
-        raise UserError(f"dataset {name}: feature {label_key!r} is not a ClassLabel")
+        raise TaskError(f"dataset {name}: feature {label_key!r} is not a ClassLabel")
     return image_key, label_key, label.num_classes
 
 
@@ -212,7 +212,7 @@ def _read_data_source(name: str, data_dir: Path, *, download: bool) -> RawImageD
     info = next(iter(sources.values())).dataset_info
     image_key, label_key, num_classes = _keys_and_classes(info, name)
     if "train" not in sources:
-        raise UserError(f"dataset {name} has no 'train' split (splits: {', '.join(sources)})")
+        raise TaskError(f"dataset {name} has no 'train' split (splits: {', '.join(sources)})")
     train = _stack(sources["train"], image_key, label_key)
     test = _stack(sources["test"], image_key, label_key) if "test" in sources else (None, None)
     return RawImageData(*train, *test, num_classes=num_classes)
@@ -230,6 +230,6 @@ def _read_tfrecord(name: str, data_dir: Path) -> RawImageData:  # needs TensorFl
             )
             arrays[split] = (batch[image_key], batch[label_key].astype(np.int32))
     if "train" not in arrays:
-        raise UserError(f"dataset {name} has no 'train' split")
+        raise TaskError(f"dataset {name} has no 'train' split")
     test = arrays.get("test", (None, None))
     return RawImageData(*arrays["train"], *test, num_classes=num_classes)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learned_opt.errors import UserError
 from tasks.base import Params, PRNGKey, Task
+from tasks.errors import TaskError
 
 
 class TrainState(NamedTuple):
@@ -104,9 +104,9 @@ def train_segment(
 
 
 def check_schedule(num_steps: int, eval_every: int) -> None:
-    """Raise ``UserError`` unless 1 <= eval_every <= num_steps and eval_every divides num_steps."""
+    """Raise ``TaskError`` unless 1 <= eval_every <= num_steps and eval_every divides num_steps."""
     if num_steps < 1 or eval_every < 1 or num_steps % eval_every:
-        raise UserError(
+        raise TaskError(
             f"eval_every ({eval_every}) must be a positive divisor of the number of steps "
             f"({num_steps})"
         )
@@ -158,3 +158,52 @@ def train_seeds(
     return jax.vmap(lambda key: train(task, optimizer, key, num_steps, eval_every=eval_every))(
         keys
     )
+
+
+TARGET_SEGMENTS = 10  # at most this many jitted segments per ``train_in_segments`` run
+
+
+def segment_evals(num_evals: int, target_segments: int = TARGET_SEGMENTS) -> int:
+    """Evaluations per segment: the smallest divisor of ``num_evals`` giving at most
+    ``target_segments`` segments."""
+    divisors = [d for d in range(1, num_evals + 1) if num_evals % d == 0]
+    return min(d for d in divisors if num_evals // d <= target_segments)
+
+
+class SegmentedTrainer:
+    """``train`` over seeds in a few equal jitted segments, so a caller can show progress
+    between them; the result equals one ``train_seeds`` call (batches are keyed by the global
+    step). Build once per (optimizer, num_steps, eval_every) and call it on tasks and keys:
+    the compiled segment is reused.
+
+    ``__call__(task, keys, on_segment=None) -> TrainResult`` with a leading [S] axis on every
+    field; ``on_segment(steps_done)`` runs after each segment (its result fetched first, so
+    at most one segment is in flight).
+    """
+
+    def __init__(self, optimizer: optax.GradientTransformation, num_steps: int, *,
+                 eval_every: int, target_segments: int = TARGET_SEGMENTS):
+        check_schedule(num_steps, eval_every)
+        self.num_steps, self.eval_every = num_steps, eval_every
+        num_evals = num_steps // eval_every
+        self.evals_per_segment = segment_evals(num_evals, target_segments)
+        self.num_segments = num_evals // self.evals_per_segment
+        seeds = lambda f: jax.jit(jax.vmap(f, in_axes=(None, 0)))
+        self._init = seeds(lambda t, k: init_train_state(t, optimizer, k))
+        self._first_eval = seeds(lambda t, s: evaluate(t, s.params, s.step))
+        self._segment = seeds(lambda t, s: train_segment(
+            t, optimizer, s, self.evals_per_segment, eval_every=eval_every
+        ))
+
+    def __call__(self, task: Task, keys: PRNGKey, on_segment=None) -> TrainResult:
+        state = self._init(task, keys)
+        curves = [jax.tree.map(lambda a: a[:, None], self._first_eval(task, state))]
+        batch_losses = []
+        for i in range(self.num_segments):
+            state, seg_curves, seg_loss = self._segment(task, state)
+            curves.append(seg_curves)
+            batch_losses.append(jax.block_until_ready(seg_loss))
+            if on_segment is not None:
+                on_segment((i + 1) * self.evals_per_segment * self.eval_every)
+        curves = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *curves)
+        return TrainResult(state.params, curves, jnp.concatenate(batch_losses, axis=1))

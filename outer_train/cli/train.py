@@ -2,8 +2,8 @@
 
 Prints a summary table (final train / valid / test loss and accuracy per seed), writes
 ``curves.json``, ``curves.csv`` and ``curves.png`` to ``--out``, and shows a tqdm progress bar
-(on a terminal). Training runs in a few equal jitted segments so the bar moves; the compiled
-segment is reused, and the result equals one unsegmented ``tasks.train.train`` call.
+(on a terminal). Training runs in a few equal jitted segments so the bar moves
+(``tasks.train.SegmentedTrainer``); the result equals one unsegmented ``tasks.train.train`` call.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from learned_opt.errors import UserError
 from tasks.image_mlp import PRESETS, STANDARD_PRESET, preset
-from tasks.train import check_schedule, evaluate, init_train_state, train_segment
+from tasks.train import SegmentedTrainer, check_schedule
 
 HELP = "train a task with a standard optax optimizer (baseline curves)"
 
@@ -34,7 +33,6 @@ OPTIMIZERS = {
     "sgd": (optax.sgd, 0.1),
     "momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.03),
 }
-TARGET_SEGMENTS = 10  # progress-bar updates per run (at most)
 _CURVES = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")
 
 
@@ -66,12 +64,6 @@ def default_eval_every(num_steps: int) -> int:
     return max(d for d in range(1, num_steps + 1) if num_steps % d == 0 and num_steps // d >= want)
 
 
-def segment_evals(num_evals: int) -> int:
-    """Evaluations per segment: the smallest divisor of ``num_evals`` giving <= 10 segments."""
-    divisors = [d for d in range(1, num_evals + 1) if num_evals % d == 0]
-    return min(d for d in divisors if num_evals // d <= TARGET_SEGMENTS)
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -87,29 +79,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"train_{args.task}"
 
     keys = jax.random.split(jax.random.key(args.seed), args.seeds)
-    num_evals = args.steps // eval_every
-    per_segment = segment_evals(num_evals)
-    init = jax.jit(jax.vmap(lambda t, k: init_train_state(t, optimizer, k), in_axes=(None, 0)))
-    first_eval = jax.jit(jax.vmap(lambda t, s: evaluate(t, s.params, s.step), in_axes=(None, 0)))
-    segment = jax.jit(jax.vmap(
-        lambda t, s: train_segment(t, optimizer, s, per_segment, eval_every=eval_every),
-        in_axes=(None, 0),
-    ))
+    trainer = SegmentedTrainer(optimizer, args.steps, eval_every=eval_every)
     test_eval = jax.jit(jax.vmap(lambda t, p: t.evaluate(p, "test"), in_axes=(None, 0)))
 
     start = time.perf_counter()
-    state = init(task, keys)
-    curves, batch_losses = [jax.tree.map(lambda a: a[:, None], first_eval(task, state))], []
     with tqdm(total=args.steps, unit="step", desc=task.name, disable=None) as bar:
-        for _ in range(num_evals // per_segment):
-            state, seg_curves, seg_loss = segment(task, state)
-            curves.append(seg_curves)
-            batch_losses.append(seg_loss)
-            jax.block_until_ready(seg_loss)
-            bar.update(per_segment * eval_every)
-    curves = jax.tree.map(lambda *xs: np.asarray(jnp.concatenate(xs, axis=1)), *curves)
-    batch_loss = np.asarray(jnp.concatenate(batch_losses, axis=1))
-    test = jax.tree.map(np.asarray, test_eval(task, state.params))
+        result = trainer(task, keys, on_segment=lambda done: bar.update(done - bar.n))
+    curves = jax.tree.map(np.asarray, result.curves)
+    batch_loss = np.asarray(result.batch_loss)
+    test = jax.tree.map(np.asarray, test_eval(task, result.params))
     seconds = time.perf_counter() - start
 
     out.mkdir(parents=True, exist_ok=True)

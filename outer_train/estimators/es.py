@@ -22,13 +22,13 @@ from jax.flatten_util import ravel_pytree
 from outer_train.base import InnerProblem
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
+from outer_train.meta_loss import masked_mean
 from outer_train.unroll import (
     constrain_particles,
     repeat_members,
     unroll_particles,
     window_keys,
 )
-from tasks.meta_loss import masked_mean
 
 
 class ESState(NamedTuple):

@@ -26,8 +26,8 @@ from outer_train.base import InnerProblem
 from outer_train.estimators import knobs
 from outer_train.estimators.antithetic import sample_noise
 from outer_train.estimators.metrics import estimator_metrics
+from outer_train.meta_loss import masked_mean
 from outer_train.unroll import constrain_particles, unroll_particles_grad, window_keys
-from tasks.meta_loss import masked_mean
 
 
 class FullBPTTState(NamedTuple):

@@ -29,6 +29,7 @@ from jax.flatten_util import ravel_pytree
 from learned_opt.errors import UserError
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
+from outer_train.meta_loss import masked_mean
 from outer_train.unroll import (
     ParticleState,
     force_reset,
@@ -38,7 +39,6 @@ from outer_train.unroll import (
     unroll_particles_grad,
     window_keys,
 )
-from tasks.meta_loss import masked_mean
 
 
 class HybridState(NamedTuple):

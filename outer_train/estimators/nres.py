@@ -24,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
+from outer_train.meta_loss import masked_mean
 from outer_train.unroll import (
     ParticleState,
     force_reset,
@@ -32,7 +33,6 @@ from outer_train.unroll import (
     unroll_particles,
     window_keys,
 )
-from tasks.meta_loss import masked_mean
 
 
 class NRESState(NamedTuple):

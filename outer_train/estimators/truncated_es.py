@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from outer_train.estimators import antithetic, knobs
 from outer_train.estimators.metrics import estimator_metrics
+from outer_train.meta_loss import masked_mean
 from outer_train.unroll import (
     ParticleState,
     force_reset,
@@ -27,7 +28,6 @@ from outer_train.unroll import (
     unroll_particles,
     window_keys,
 )
-from tasks.meta_loss import masked_mean
 
 
 class TruncatedESState(NamedTuple):

@@ -5,10 +5,7 @@ XLA's CPU runtime mallocs the temporary buffers of each execution and frees them
 returns. With glibc's defaults a block above the mmap threshold (which glibc raises to at most
 32 MiB) is a fresh ``mmap`` on every call, and a per-thread arena unmaps an extra heap (64 MiB)
 as soon as it is empty; either way the next call touches new pages, which the kernel zeroes and
-maps one by one. Measured on the standard workload (``bench/estimators.py``, two runs each with
-``LEARNED_OPT_MALLOC=default`` and without): TBPTT on one device (57 MB of temporaries) 15,000
-page faults per outer step -> 300-600 and 917-1,157 -> 1,263-1,565 steps/s; hybrid on two
-devices (55 MB) 27,400 -> 17-288 and 2,062-2,108 -> 2,388-2,512 steps/s.
+maps one by one (``bench/estimators.py`` reports page faults per outer step).
 
 ``configure()`` sets, with glibc's ``mallopt``:
   M_MMAP_MAX = 0           malloc maps no blocks of its own: large buffers come from the heap;
@@ -16,10 +13,9 @@ devices (55 MB) 27,400 -> 17-288 and 2,062-2,108 -> 2,388-2,512 steps/s.
                            unmapped;
   M_TRIM_THRESHOLD = 1 GiB freed heap is not handed back to the OS between calls.
 The price: memory that XLA frees stays in the process for reuse, in every thread's arena that
-served it (RSS does not shrink after a peak): peak RSS +70-150 MB in those two configurations,
-no change beyond run-to-run noise where the temporaries stay under 32 MiB. ``learned-opt`` and
-the benchmarks call it first thing; call it at the start of a script of your own. glibc (Linux)
-only: elsewhere it does nothing. ``LEARNED_OPT_MALLOC=default`` keeps glibc's defaults.
+served it, so RSS does not shrink after a peak. ``learned-opt`` and the benchmarks call it
+first thing; call it at the start of a script of your own. glibc (Linux) only: elsewhere it
+does nothing. ``LEARNED_OPT_MALLOC=default`` keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ import ctypes
 import os
 import platform
 
-from learned_opt.errors import UserError
+from outer_train.runtime import SettingError
 
 ENV_VAR = "LEARNED_OPT_MALLOC"
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc's malloc.h
@@ -43,7 +39,7 @@ def configure() -> bool:
     """Apply ``SETTINGS`` to this process's glibc allocator; True if applied. Idempotent."""
     choice = os.environ.get(ENV_VAR, "tuned")
     if choice not in ("tuned", "default"):
-        raise UserError(f"{ENV_VAR}={choice!r}: use 'tuned' (the default) or 'default'")
+        raise SettingError(f"{ENV_VAR}={choice!r}: use 'tuned' (the default) or 'default'")
     if choice == "default" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt

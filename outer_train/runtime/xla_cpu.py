@@ -4,21 +4,20 @@ benchmarks apply them first thing; in a script of your own, call ``configure()``
 importing JAX.
 
 ``split_host_into_devices``: one XLA device per core. XLA's CPU backend runs the many small ops
-of an unroll on one thread each; one device per core runs each core's share of the particles
-side by side (standard workload on 2 cores: PES 1.3x, TBPTT 1.3x, full-horizon ES 1.9x).
+of an unroll on one thread each; with one device per core each core steps its share of the
+particles side by side (``docs/benchmarks.md`` has the figures).
 
 ``limit_full_unroll``: LLVM fully unrolls every loop of at most a few dozen iterations whose
 body is small. XLA's CPU backend emits an elementwise op over [N, 32] arrays (the learned
 optimizer's hidden activations: ReLUs, masks, bias adds) as a loop over rows around a loop over
 the 32 columns; LLVM unrolls the inner loop into 32 scalar operations before its loop
-vectorizer runs, and the unrolled code stays scalar. Measured on the 2-core development VM:
-``x * c + b`` over a [13864, 32] float32 array 76 us, over the same data as [6932, 64] 15 us.
-``-unroll-full-max-count=8`` (an LLVM option, passed with ``--xla_backend_extra_options``)
-leaves loops of more than 8 iterations to the vectorizer: [13864, 32] 15 us. Results agree to
-rounding (the order of some float sums changes: TBPTT meta-gradients differ by ~1e-7
-relative). ``LEARNED_OPT_LLVM_UNROLL=default`` keeps LLVM's defaults. Not applied when a GPU
-plugin is installed (the option would reach that backend's LLVM too; unmeasured there) or when
-``XLA_FLAGS`` already passes backend options.
+vectorizer runs, and the unrolled code stays mostly scalar. ``-unroll-full-max-count=8`` (an
+LLVM option, passed with ``--xla_backend_extra_options``) leaves loops of more than 8
+iterations to the vectorizer, which emits vector code for them (``bench/xla_unroll.py``
+measures what that is worth on a given CPU). Results agree to rounding, not bit for bit: the
+order of some float sums changes. ``LEARNED_OPT_LLVM_UNROLL=default`` keeps LLVM's defaults.
+Not applied when a GPU plugin is installed (the option would reach that backend's LLVM too)
+or when ``XLA_FLAGS`` already passes backend options (the user's choice is kept).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import pkgutil
 import sys
 from collections.abc import MutableMapping
 
-from learned_opt.errors import UserError
+from outer_train.runtime import SettingError
 
 UNROLL_ENV_VAR = "LEARNED_OPT_LLVM_UNROLL"
 UNROLL_FLAG = "--xla_backend_extra_options=-unroll-full-max-count=8"
@@ -71,7 +70,7 @@ def limit_full_unroll(environ: MutableMapping[str, str] = os.environ) -> bool:
     added now or already there."""
     choice = environ.get(UNROLL_ENV_VAR, "limited")
     if choice not in ("limited", "default"):
-        raise UserError(f"{UNROLL_ENV_VAR}={choice!r}: use 'limited' (the default) or 'default'")
+        raise SettingError(f"{UNROLL_ENV_VAR}={choice!r}: use 'limited' (the default) or 'default'")
     flags = environ.get("XLA_FLAGS", "")
     if UNROLL_FLAG in flags.split():
         return True

@@ -25,7 +25,7 @@ from learned_opt import (
     save,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOPTS = {
     "mlp_lopt": MLPLOpt(),
     "mlp_lopt_variant": MLPLOpt(hidden_sizes=(16,), decays=(0.9, 0.99), use_params=False),

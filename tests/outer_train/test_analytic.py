@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from tasks.analytic import (
+from outer_train.analytic import (
     REPARAM_ASYMPTOTE,
     LinearSystemProblem,
     QuadraticTask,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from learned_opt.cli import main
 from learned_opt.errors import UserError
+from outer_train.cli import main
 from outer_train.config import (
     EstimatorConfig,
     MetaTrainConfig,
@@ -20,7 +20,7 @@ from outer_train.config import (
     to_toml,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_default_toml_is_the_dataclass_defaults():
@@ -76,7 +76,7 @@ def test_one_config_per_estimator_on_the_same_workload():
         (["estimator.trunc_length=300"], "shorter than trunc_length 300"),
         (["estimator.name=tbptt", "estimator.sigma=0.1"],
          "estimator.sigma is not a knob of estimator 'tbptt'"),
-        (["lopt.name=sgd", "lopt.hidden_sizes=[4]"], "lopt.hidden_sizes applies to"),
+        (["lopt.name=learned_sgd", "lopt.hidden_sizes=[4]"], "lopt.hidden_sizes applies to"),
         (["task.kind=family", "family.widths=[8]"], "[family] held-out pair"),
         (["family.heldout_pairs=[[16, 3]]"], "family.heldout_pairs[0][1] = 3: expected a string"),
         (["eval.adam_learning_rates=[]"], "eval.adam_learning_rates = []"),

@@ -20,12 +20,12 @@ import optax
 import pytest
 
 from learned_opt.errors import UserError
+from outer_train.analytic import LinearSystemProblem, QuadraticTask
 from outer_train.estimators import ESTIMATORS, FullBPTT, draws, estimator_knobs, make_estimator
 from outer_train.problem import LearnedOptProblem
 from outer_train.unroll import evaluate_meta_loss, force_reset
-from tasks.analytic import LinearSystemProblem, QuadraticTask
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TinyState(NamedTuple):
@@ -308,7 +308,7 @@ _SPLIT_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from outer_train.estimators import make_estimator
 from outer_train.unroll import constrain_particles
-from tasks.analytic import LinearSystemProblem
+from outer_train.analytic import LinearSystemProblem
 
 lds = LinearSystemProblem.create(jax.random.key(0), noise_scale=0.1)
 theta = jnp.array([0.3, -0.2, 0.1, 0.5])

@@ -6,7 +6,7 @@ we draw R independent gradient estimates of d/dx E l(x + eps) with
   * es(1 antithetic pair, sigma=0.3): eps (l(x + eps) - l(x - eps)) / (2 sigma^2),
 and take the max over x of their variances. The reference figures: backprop ~5.1e-4 w^2 (the
 exact large-w limit is 1 / (200 pi^2) = 5.066e-4), ES ~0.1-0.2 at every w, crossing near w = 15.
-Measured values are checked against the exact variances (tasks.analytic) and those figures.
+Measured values are checked against the exact variances (outer_train.analytic) and those figures.
 """
 
 import jax
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from outer_train.analytic import REPARAM_ASYMPTOTE, SinusoidToy, toy_max_variance
 from outer_train.estimators import ES, FullBPTT, draws
-from tasks.analytic import REPARAM_ASYMPTOTE, SinusoidToy, toy_max_variance
 
 SIGMA = 0.3
 FREQUENCIES = (5.0, 10.0, 15.0, 20.0, 30.0)

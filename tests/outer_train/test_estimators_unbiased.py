@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from outer_train.analytic import LinearSystemProblem
 from outer_train.estimators import make_estimator
 from outer_train.unroll import force_reset
-from tasks.analytic import LinearSystemProblem
 
 THETA = jnp.array([0.3, -0.2, 0.1, 0.5])
 NUM_PARAMS = THETA.shape[0]

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from learned_opt import host_allocator
-from learned_opt.errors import UserError
+from outer_train.runtime import SettingError
+from outer_train.runtime import host_allocator
 
 # A jitted program whose matmul output (3072 x 4096 float32 = 48 MiB) is a temporary buffer,
 # above glibc's largest mmap threshold (32 MiB). Page faults of each of 24 calls: once tuned, a
@@ -18,7 +18,7 @@ from learned_opt.errors import UserError
 _SCRIPT = """
 import resource
 import jax, jax.numpy as jnp
-from learned_opt import host_allocator
+from outer_train.runtime import host_allocator
 applied = host_allocator.configure()
 f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b)))
 a, b = jnp.ones((3072, 64)), jnp.ones((64, 4096))
@@ -53,7 +53,7 @@ def test_configured_allocator_reuses_xla_buffers():
 
 def test_bad_choice_names_the_variable(monkeypatch):
     monkeypatch.setenv("LEARNED_OPT_MALLOC", "fast")
-    with pytest.raises(UserError, match="LEARNED_OPT_MALLOC"):
+    with pytest.raises(SettingError, match="LEARNED_OPT_MALLOC"):
         host_allocator.configure()
     monkeypatch.setenv("LEARNED_OPT_MALLOC", "default")
     assert host_allocator.configure() is False

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasks.meta_loss import LOSS_TRANSFORMS, all_finite, masked_mean, transform_loss
+from outer_train.meta_loss import LOSS_TRANSFORMS, all_finite, masked_mean, transform_loss
 
 CLIP = 1.5 * math.log(10)
 

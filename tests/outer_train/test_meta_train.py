@@ -19,10 +19,10 @@ import pytest
 from helpers import bitwise_equal
 
 import learned_opt
-from learned_opt.cli import main
 from learned_opt.errors import UserError
 from outer_train import checkpoint
 from outer_train.checkpoint import CheckpointError
+from outer_train.cli import main
 from outer_train.config import load_config, to_toml
 from outer_train.logging import read_records
 from outer_train.meta_train import (
@@ -33,7 +33,7 @@ from outer_train.meta_train import (
     run_keys,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_OUTER_STEPS = 6
 TINY = [
     "task.hidden_sizes=[8]", "task.batch_size=32",
@@ -271,7 +271,7 @@ def test_particles_split_over_two_host_devices_match_one_device(tmp_path):
     checkpoints and resumes. The same job twice in two processes: the same theta bit for bit."""
     script = (
         "import sys\n"
-        "from learned_opt.cli import main\n"
+        "from outer_train.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",

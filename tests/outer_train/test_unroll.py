@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from outer_train import unroll
+from outer_train.analytic import LinearSystemProblem
 from outer_train.unroll import ParticleState
-from tasks.analytic import LinearSystemProblem
 
 
 @flax.struct.dataclass

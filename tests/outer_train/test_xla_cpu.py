@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from learned_opt import xla_cpu
-from learned_opt.errors import UserError
+from outer_train.runtime import SettingError
+from outer_train.runtime import xla_cpu
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_unroll_limit_is_not_added_once_jax_runs():
 
 
 def test_bad_unroll_choice_names_the_variable():
-    with pytest.raises(UserError, match=xla_cpu.UNROLL_ENV_VAR):
+    with pytest.raises(SettingError, match=xla_cpu.UNROLL_ENV_VAR):
         xla_cpu.limit_full_unroll({xla_cpu.UNROLL_ENV_VAR: "fast"})
 
 
@@ -67,7 +67,7 @@ def test_one_device_per_core_unless_the_user_chose(before_jax, monkeypatch):
 # faster, and by how much, depends on the CPU: that is bench/xla_unroll.py's job, not a test's.
 _SCRIPT = """
 import sys
-from learned_opt import xla_cpu
+from outer_train.runtime import xla_cpu
 applied = xla_cpu.limit_full_unroll()
 import jax, jax.numpy as jnp
 from jax import lax

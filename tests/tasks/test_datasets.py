@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
 from tasks.datasets import VALID_FRACTION, load_dataset
 from tasks.idx import read_idx
 from tasks.splits import carve, stable_permutation
@@ -294,7 +294,7 @@ def test_prepared_tfrecord_without_tensorflow_says_what_to_do(tiny_colors_dir, t
     info = json.loads(info_path.read_text())
     info["fileFormat"] = "tfrecord"
     info_path.write_text(json.dumps(info))
-    with pytest.raises(UserError, match="TFRecord, which needs TensorFlow"):
+    with pytest.raises(TaskError, match="TFRecord, which needs TensorFlow"):
         load_dataset("tiny_colors", data_dir=tmp_path, cache=False)
 
 
@@ -303,7 +303,7 @@ def test_prepared_tfrecord_without_tensorflow_says_what_to_do(tiny_colors_dir, t
 
 def test_unknown_name_lists_available(tiny_colors_dir):
     start = time.perf_counter()
-    with pytest.raises(UserError) as e:
+    with pytest.raises(TaskError) as e:
         load_dataset("no_such_dataset", data_dir=tiny_colors_dir)
     assert time.perf_counter() - start < 3
     for name in ("digits", "mnist", "fashion_mnist", "tiny_colors"):
@@ -313,7 +313,7 @@ def test_unknown_name_lists_available(tiny_colors_dir):
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
 def test_unprepared_without_files_fails_fast_and_says_where(tmp_path, name):
     start = time.perf_counter()
-    with pytest.raises(UserError) as e:
+    with pytest.raises(TaskError) as e:
         load_dataset(name, data_dir=tmp_path)
     assert time.perf_counter() - start < 3  # never the ~200 s network timeout
     message = str(e.value)
@@ -354,7 +354,7 @@ def test_bad_idx_files_give_clear_errors_and_leave_nothing(tmp_path, how, messag
     files = data_dir / "downloads" / "manual" / "mnist"
     write_mnist_like(files, np.random.default_rng(2), n_train=20, n_test=5)
     _break(files, how)
-    with pytest.raises(UserError, match=message) as e:
+    with pytest.raises(TaskError, match=message) as e:
         load_dataset("mnist", data_dir=data_dir, cache=False)
     assert "train-images-idx3-ubyte.gz" in str(e.value)
     assert not (data_dir / "mnist_idx" / "1.0.0").exists()
@@ -371,10 +371,10 @@ def test_mismatched_label_count(tmp_path):
     (files / "train-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(np.zeros(19, np.uint8)))
     )
-    with pytest.raises(UserError, match="holds 20 images but"):
+    with pytest.raises(TaskError, match="holds 20 images but"):
         load_dataset("mnist", data_dir=tmp_path / "tfds", manual_dir=files, cache=False)
 
 
 def test_unsupported_image_size():
-    with pytest.raises(UserError, match="image_size 12 is not supported"):
+    with pytest.raises(TaskError, match="image_size 12 is not supported"):
         load_dataset("digits", image_size=12)

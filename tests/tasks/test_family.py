@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
 from tasks.family import ImageMLPFamily
 from tasks.image_mlp import ImageMLPTask
 
@@ -48,16 +48,16 @@ def test_sample_tasks_and_heldout_tasks(digits):
     assert all(t.activation == "tanh" for t in heldout)
     params = heldout[0].init(jax.random.key(0))
     assert params["Dense_0"]["kernel"].shape == (64, 16)
-    with pytest.raises(UserError, match="has 2"):
+    with pytest.raises(TaskError, match="has 2"):
         family.heldout_tasks(jax.random.key(2), 3)
 
 
 def test_invalid_families_are_rejected():
-    with pytest.raises(UserError, match="held-out pair"):
+    with pytest.raises(TaskError, match="held-out pair"):
         ImageMLPFamily(heldout_pairs=((48, "relu"),))
-    with pytest.raises(UserError, match="no training"):
+    with pytest.raises(TaskError, match="no training"):
         ImageMLPFamily(widths=(32,), activations=("relu",), heldout_pairs=((32, "relu"),))
-    with pytest.raises(UserError, match="unknown activation"):
+    with pytest.raises(TaskError, match="unknown activation"):
         ImageMLPFamily(activations=("relu", "nope"))
-    with pytest.raises(UserError, match="image size"):
+    with pytest.raises(TaskError, match="image size"):
         ImageMLPFamily(datasets=(("digits", 12),))

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
 from tasks.base import Task
 from tasks.image_mlp import PRESETS, STANDARD_PRESET, ImageMLPConfig, make_task, preset
 
@@ -62,11 +62,11 @@ def test_sample_batch_draws_from_the_requested_split(standard_task):
 
 
 def test_presets_and_configs_validate():
-    with pytest.raises(UserError, match="available: digits_mlp"):
+    with pytest.raises(TaskError, match="available: digits_mlp"):
         preset("no_such_preset")
-    with pytest.raises(UserError, match="unknown activation 'sigmoidal'"):
+    with pytest.raises(TaskError, match="unknown activation 'sigmoidal'"):
         ImageMLPConfig(activation="sigmoidal")
-    with pytest.raises(UserError, match="batch_size"):
+    with pytest.raises(TaskError, match="batch_size"):
         ImageMLPConfig(batch_size=0)
     config = ImageMLPConfig(hidden_sizes=[16], activation="tanh", batch_size=32)
     assert config.hidden_sizes == (16,) and hash(config) == hash(

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from learned_opt.cli import main as cli_main
-from learned_opt.errors import UserError
+from tasks.errors import TaskError
+from outer_train.cli import main as cli_main
 from tasks.train import (
     check_schedule,
     init_train_state,
@@ -132,7 +132,7 @@ def test_divergence_is_reported_not_hidden(standard_task):
 def test_schedule_errors():
     check_schedule(100, 25)
     for steps, every in ((100, 30), (0, 1), (10, 0), (10, 20)):
-        with pytest.raises(UserError, match="eval_every"):
+        with pytest.raises(TaskError, match="eval_every"):
             check_schedule(steps, every)
 
 
