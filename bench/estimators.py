@@ -33,18 +33,17 @@ same process, same load) and reports:
 Full backprop is also run at T = 100, 1000, 2000 (memory grows like sqrt(T) with the segmented
 rematerialization). ``--devices N`` splits the host CPU into N XLA devices
 (``--xla_force_host_platform_device_count``) and the particles over them as meta-train does:
-the estimator state's leading particle axis (``meta_train.particle_mesh`` +
-``unroll.shard_particles``), the particles es and full_bptt create inside ``estimate``
-(``jax.set_mesh`` + ``unroll.constrain_particles``), everything else replicated; GSPMD
-partitions the vmapped unroll. The default, 0, is what ``learned-opt meta-train`` does
-(``run.devices = 0``): one device per core; ``--devices 1`` is one device whose ops XLA
-parallelizes internally. Prints one JSON object (and writes it to ``--out``).
+the estimator state's leading particle axis, the particles es and full_bptt create inside
+``estimate`` (``placement.mesh_scope`` + ``placement.constrain_particles``), everything else
+replicated (``placement.particle_mesh`` + ``placement.place``); GSPMD partitions the vmapped
+unroll. The default, 0, is what ``learned-opt meta-train`` does (``run.devices = 0``): one
+device per core; ``--devices 1`` is one device whose ops XLA parallelizes internally. Prints
+one JSON object (and writes it to ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -103,9 +102,8 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
 
     from learned_opt.mlp_lopt import MLPLOpt
     from outer_train.estimators import make_estimator
-    from outer_train.meta_train import particle_mesh
+    from outer_train.placement import mesh_scope, particle_mesh, place
     from outer_train.problem import LearnedOptProblem
-    from outer_train.unroll import shard_particles
     from tasks.image_mlp import STANDARD_PRESET, preset
 
     estimator_name, knobs = CONFIGS[config_name]
@@ -129,13 +127,10 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     state = jax.jit(est.init)(init_key, theta)
     opt_state = meta_opt.init(theta)
     mesh = particle_mesh(devices)  # placed as meta-train places them for run.devices
-    mesh_scope = contextlib.nullcontext()
-    if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        est, key, theta, opt_state = jax.device_put((est, key, theta, opt_state), replicated)
-        state = shard_particles(state, mesh)
-        mesh_scope = jax.set_mesh(mesh)  # es and full_bptt split the particles they create inside
-    with mesh_scope:
+    state, (est, key, theta, opt_state) = place(
+        mesh, particles=state, replicated=(est, key, theta, opt_state)
+    )
+    with mesh_scope(mesh):  # es and full_bptt split the particles they create inside
         t0 = time.perf_counter()
         step_key, key = jax.random.split(key)
         out = jax.block_until_ready(outer_step(est, step_key, theta, opt_state, state))

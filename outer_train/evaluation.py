@@ -141,7 +141,7 @@ class HeldoutEvaluator:
 
     @classmethod
     def from_setup(cls, setup) -> HeldoutEvaluator:
-        """The evaluator of a meta-training run (``meta_train.MetaTrainSetup``)."""
+        """The evaluator of a meta-training run (``build.MetaTrainSetup``)."""
         cfg = setup.config
         num_steps = cfg.eval_inner_steps
         return cls(

@@ -37,6 +37,11 @@ from jax.flatten_util import ravel_pytree
 from outer_train.base import InnerProblem, InnerState, PRNGKey, Theta
 from outer_train.meta_loss import masked_mean
 
+# Moved to outer_train.placement; importable from here until the estimators (es, full_bptt),
+# diagnostics and tests import them from placement.
+from outer_train.placement import constrain_particles as constrain_particles
+from outer_train.placement import shard_particles as shard_particles
+
 Horizon = int | tuple[int, int]
 
 
@@ -381,44 +386,6 @@ def unroll_particles_grad(
         thetas, particles, reset_keys, step_keys
     )
     return losses, flat_grads, particles, trace
-
-
-def _splits(x, size: int) -> bool:
-    """Whether leaf x has a leading (particle) axis that ``size`` devices can share evenly."""
-    return x.ndim >= 1 and x.shape[0] % size == 0
-
-
-def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = "particles"):
-    """Place ``tree`` (e.g. an estimator state) with its leading particle axis split over
-    ``mesh``'s ``axis_name`` devices; leaves whose leading axis does not divide evenly (and
-    scalars) are replicated. Jitted estimators then run partitioned (GSPMD); on CPU, split the
-    host with ``--xla_force_host_platform_device_count=N`` (set before JAX starts)."""
-    size = mesh.shape[axis_name]
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(x):
-        return jax.device_put(x, split if _splits(x, size) else replicated)
-
-    return jax.tree.map(place, tree)
-
-
-def constrain_particles(tree, axis_name: str = "particles"):
-    """Inside ``jax.set_mesh(mesh)`` with a ``particles`` axis: ask GSPMD to split the leading
-    axis of every leaf of ``tree`` over it (leaves that do not divide evenly stay as they are).
-    For estimators that create their particles inside ``estimate`` (es, full_bptt): constraining
-    the per-particle keys and thetas splits the whole vmapped unroll. Without such a mesh (one
-    device, or outside ``set_mesh``) the tree is returned unchanged."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or axis_name not in mesh.axis_names:
-        return tree
-    size = mesh.shape[axis_name]
-    spec = jax.sharding.PartitionSpec(axis_name)
-
-    def constrain(x):
-        return jax.lax.with_sharding_constraint(x, spec) if size > 1 and _splits(x, size) else x
-
-    return jax.tree.map(constrain, tree)
 
 
 def evaluate_meta_loss(

@@ -65,8 +65,8 @@ def _tasks(args: argparse.Namespace):
     if args.config is not None:
         if args.task:
             raise UserError("give --task or --config, not both")
+        from outer_train.build import make_tasks, run_keys
         from outer_train.config import load_config
-        from outer_train.meta_train import make_tasks, run_keys
 
         config = load_config(args.config)
         _, heldout = make_tasks(config, run_keys(config.run.seed))

@@ -21,17 +21,12 @@ from helpers import bitwise_equal
 import learned_opt
 from learned_opt.errors import UserError
 from outer_train import checkpoint
+from outer_train.build import MetaTrainState, run_keys
 from outer_train.checkpoint import CheckpointError
 from outer_train.cli import main
 from outer_train.config import load_config, to_toml
 from outer_train.logging import read_records
-from outer_train.meta_train import (
-    OPTIMIZER_FILE,
-    MetaTrainState,
-    make_outer_step,
-    meta_train,
-    run_keys,
-)
+from outer_train.meta_train import OPTIMIZER_FILE, make_outer_step, meta_train
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_OUTER_STEPS = 6
@@ -140,7 +135,7 @@ def test_saved_optimizer_is_the_final_theta(cli_run, tiny_config):
 
 
 def _template(config):
-    from outer_train.meta_train import build, init_state
+    from outer_train.build import build, init_state
 
     return init_state(build(config))
 

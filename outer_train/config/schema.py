@@ -1,0 +1,301 @@
+"""The meta-training configuration schema: one frozen dataclass per TOML table.
+
+A config file has one table per section (``[task]``, ``[family]``, ``[lopt]``, ``[problem]``,
+``[estimator]``, ``[meta_opt]``, ``[run]``, ``[eval]``, ``[checkpoint]``); every key is optional
+and falls back to the dataclass default, so the defaults below ARE the default config
+(configs/default.toml is a copy of them; a test checks they agree). Types and ranges are checked
+by ``validate.from_mapping``; rules that span keys (an estimator's own knob checks, a knob the
+chosen estimator does not have, ``[family]``) by ``MetaTrainConfig`` and ``config_from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from learned_opt.errors import UserError
+from outer_train.config.validate import field, from_mapping
+from tasks.errors import TaskError
+
+# --------------------------------------------------------------------------------------------
+# The sections. Defaults = the README's main job (configs/default.toml).
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The inner problem: one image-MLP task (``kind = "single"``) or a task family.
+
+    ``single``: ``tasks.image_mlp.ImageMLPConfig`` from ``dataset``, ``image_size`` (0 = the
+    dataset's own), ``grayscale``, ``hidden_sizes``, ``activation``, ``batch_size``; held-out
+    evaluation trains the same task from seeds never used for meta-training.
+    ``family``: the ``[family]`` section decides the variants; these architecture keys are then
+    not used (only ``dataset``, ``image_size`` and ``grayscale``).
+    """
+
+    kind: Literal["single", "family"] = "single"
+    dataset: str = "digits"
+    image_size: Literal[0, 8, 16, 28, 32] = 0
+    grayscale: bool = False
+    hidden_sizes: tuple[int, ...] = (32, 32)
+    activation: Literal["relu", "gelu", "tanh", "swish", "elu"] = "relu"
+    batch_size: int = field(128, lo=1, hi=65536)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyConfig:
+    """``tasks.family.ImageMLPFamily`` (used when ``task.kind = "family"``).
+
+    ``num_train_tasks`` variants are sampled on the host at start (one estimator per variant,
+    meta-gradients averaged with equal weights); held-out variants (``heldout_pairs`` of
+    [width, activation]) are never trained on and are used for evaluation.
+    """
+
+    widths: tuple[int, ...] = (16, 32, 64)
+    depths: tuple[int, ...] = (1, 2, 3)
+    activations: tuple[Literal["relu", "gelu", "tanh", "swish", "elu"], ...] = (
+        "relu", "gelu", "tanh", "swish",
+    )
+    batch_sizes: tuple[int, ...] = (64, 128)
+    heldout_pairs: tuple[tuple[int, str], ...] = ((16, "gelu"), (32, "tanh"), (64, "swish"))
+    num_train_tasks: int = field(4, lo=1, hi=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LOptConfig:
+    """The learned optimizer, by its name in ``learned_opt.registry`` (the name saved files
+    carry): ``mlp_lopt`` is the per-parameter MLP (MLPLOpt); ``learned_sgd`` /
+    ``learned_momentum`` / ``learned_adam`` are the hyperparameter learned optimizers
+    (LearnedSGD, ...). ``hidden_sizes`` applies to ``mlp_lopt`` only."""
+
+    name: Literal["mlp_lopt", "learned_sgd", "learned_momentum", "learned_adam"] = "mlp_lopt"
+    hidden_sizes: tuple[int, ...] = (32, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemConfig:
+    """The meta-objective (``outer_train.problem.LearnedOptProblem``): per-step meta-loss on
+    the ``train`` batch or a fresh ``valid`` batch, transformed by ``loss_transform``
+    (``outer_train.meta_loss.LOSS_TRANSFORMS``) with clip value ``loss_clip`` (0 = the task's
+    1.5 log(num_classes))."""
+
+    meta_loss: Literal["train", "valid"] = "train"
+    loss_transform: Literal["none", "clip", "log", "normalized"] = "clip"
+    loss_clip: float = field(0.0, lo=0.0, hi=1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """The outer-gradient estimator (``outer_train.estimators.ESTIMATORS``) and its knobs.
+
+    Each estimator has a subset of these knobs (``estimator_knobs(name)``); setting a knob the
+    chosen estimator does not have is an error. ``segment_length = 0`` means None:
+    backprop estimators pick the memory-optimal rematerialization segment (set it to the
+    horizon to turn rematerialization off).
+    """
+
+    name: Literal["full_bptt", "tbptt", "es", "truncated_es", "pes", "nres", "hybrid"] = "pes"
+    num_tasks: int = field(8, lo=1, hi=4096, doc="inner problems (groups) per estimate")
+    num_perturbations: int = field(1, lo=1, hi=4096, doc="antithetic pairs per task")
+    trunc_length: int = field(10, lo=1, hi=100_000, doc="inner steps K per outer step")
+    horizon: int = field(200, lo=1, hi=1_000_000, doc="inner steps T per inner problem")
+    sigma: float = field(0.01, lo=0.0, hi=10.0, doc="ES noise scale")
+    loss_shaping: Literal["none", "sign", "clip"] = "none"
+    shaping_scale: float = field(1.0, lo=0.0, hi=1e9, lo_open=True)
+    staggered: bool = True
+    segment_length: int = field(0, lo=0, hi=1_000_000)
+
+    def knobs(self) -> dict[str, Any]:
+        """The keyword arguments of ``make_estimator(self.name, problem, **knobs)``."""
+        from outer_train.estimators import estimator_knobs
+
+        values = dataclasses.asdict(self)
+        if values["segment_length"] == 0:
+            values["segment_length"] = None
+        return {k: values[k] for k in estimator_knobs(self.name)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaOptConfig:
+    """The meta-optimizer: ``optax.chain(clip_by_global_norm(clip_norm), <name>(learning_rate))``.
+    ``clip_norm = 0`` disables clipping."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = field(3e-3, lo=0.0, hi=10.0, lo_open=True)
+    clip_norm: float = field(1.0, lo=0.0, hi=1e9)
+    b1: float = field(0.9, lo=0.0, hi=1.0)
+    b2: float = field(0.999, lo=0.0, hi=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length, seed, devices and logging cadence of the outer loop.
+
+    ``max_skipped_in_a_row``: consecutive non-finite meta-gradients after which the run stops
+    with an error (each one skips its update and is counted; see meta_train).
+    ``devices``: how many devices the particles are split over (the estimator state's leading
+    axis; 0 = all local devices, 1 = no split). On CPU the ``learned-opt`` command makes one
+    XLA device per core, so 0 uses every core (not part of the trajectory: only float rounding
+    of the particle mean may change with it)."""
+
+    seed: int = field(0, lo=0, hi=2**31 - 1)
+    num_outer_steps: int = field(1000, lo=1, hi=10_000_000)
+    log_every: int = field(1, lo=1, hi=10_000_000)
+    max_skipped_in_a_row: int = field(20, lo=1, hi=10_000_000)
+    devices: int = field(0, lo=0, hi=65_536)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: train held-out tasks/seeds with the learned optimizer and with Adam
+    at the best learning rate of ``adam_learning_rates`` (chosen by mean final validation loss
+    on the same held-out tasks, which favours Adam), ``num_inner_steps`` steps each.
+    ``num_inner_steps = 0`` means the estimator's horizon. ``every = 0`` evaluates only at the
+    start and at the end."""
+
+    every: int = field(250, lo=0, hi=10_000_000)
+    num_seeds: int = field(8, lo=1, hi=1024)
+    num_heldout_tasks: int = field(2, lo=1, hi=256)
+    num_inner_steps: int = field(0, lo=0, hi=1_000_000)
+    curve_every: int = field(10, lo=1, hi=1_000_000)
+    adam_learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint cadence (outer steps; 0 = only at the end) and how many files are kept."""
+
+    every: int = field(100, lo=0, hi=10_000_000)
+    keep: int = field(3, lo=1, hi=1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+    """The whole meta-training job. Sections map one-to-one onto TOML tables."""
+
+    task: TaskConfig = TaskConfig()
+    family: FamilyConfig = FamilyConfig()
+    lopt: LOptConfig = LOptConfig()
+    problem: ProblemConfig = ProblemConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+    meta_opt: MetaOptConfig = MetaOptConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def __post_init__(self):
+        try:  # the estimator's own knob checks (e.g. horizon >= trunc_length)
+            _validate_knobs(self.estimator.name, self.estimator.knobs())
+        except UserError as e:
+            raise UserError(f"[estimator] name = {self.estimator.name!r}: {e}") from None
+        if self.task.kind == "family":
+            try:
+                self.make_family()
+            except (UserError, TaskError) as e:
+                raise UserError(f"[family] {e}") from None
+        for key, sizes in (("task.hidden_sizes", self.task.hidden_sizes),
+                           ("lopt.hidden_sizes", self.lopt.hidden_sizes)):
+            if not sizes or any(s < 1 or s > 65536 for s in sizes):
+                raise UserError(
+                    f"{key} = {list(sizes)}: expected a non-empty list of integers in "
+                    "[1, 65536], e.g. [32, 32]"
+                )
+        lrs = self.eval.adam_learning_rates
+        if not lrs or any(not (0.0 < lr <= 10.0) for lr in lrs):
+            raise UserError(
+                f"eval.adam_learning_rates = {list(lrs)}: expected a non-empty list of learning "
+                "rates in (0, 10], e.g. [1e-3, 3e-3, 1e-2]"
+            )
+
+    # -- derived --------------------------------------------------------------------------
+
+    def make_family(self):
+        """The ``tasks.family.ImageMLPFamily`` of ``[family]`` (``task.kind = "family"``)."""
+        from tasks.family import ImageMLPFamily
+
+        f, t = self.family, self.task
+        return ImageMLPFamily(
+            datasets=((t.dataset, t.image_size or None),),
+            widths=f.widths,
+            depths=f.depths,
+            activations=f.activations,
+            batch_sizes=f.batch_sizes,
+            heldout_pairs=f.heldout_pairs,
+            grayscale=t.grayscale,
+        )
+
+    def task_config(self):
+        """The ``tasks.image_mlp.ImageMLPConfig`` of ``[task]`` (``task.kind = "single"``)."""
+        from tasks.image_mlp import ImageMLPConfig
+
+        t = self.task
+        return ImageMLPConfig(
+            dataset=t.dataset,
+            image_size=t.image_size or None,
+            grayscale=t.grayscale,
+            hidden_sizes=t.hidden_sizes,
+            activation=t.activation,
+            batch_size=t.batch_size,
+        )
+
+    @property
+    def eval_inner_steps(self) -> int:
+        """Inner steps of each held-out training run (defaults to the meta-training horizon)."""
+        return self.eval.num_inner_steps or self.estimator.horizon
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML/JSON-able data (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def trajectory_hash(self) -> str:
+        """SHA-256 of the sections that decide the meta-training trajectory.
+
+        Run length, evaluation, logging and checkpoint cadence are excluded, so a run can be
+        resumed with more outer steps or a different evaluation schedule and still reproduce
+        the same theta; anything else differing makes a checkpoint incompatible.
+        """
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("task", "family", "lopt", "problem", "estimator", "meta_opt")}
+        keep["seed"] = d["run"]["seed"]
+        keep["max_skipped_in_a_row"] = d["run"]["max_skipped_in_a_row"]
+        blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetaTrainConfig))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> MetaTrainConfig:
+    """Validates a (TOML-shaped) dict into a ``MetaTrainConfig``; raises ``UserError``."""
+    config = from_mapping(MetaTrainConfig, data)
+    # A key set explicitly must be used: refuse knobs the chosen component does not have.
+    from outer_train.estimators import estimator_knobs
+
+    name = config.estimator.name
+    allowed = (*estimator_knobs(name), "name")
+    for key in data.get("estimator", {}):
+        if key not in allowed:
+            raise UserError(
+                f"estimator.{key} is not a knob of estimator {name!r}; its knobs: "
+                f"{', '.join(allowed[:-1])}"
+            )
+    if "hidden_sizes" in data.get("lopt", {}) and config.lopt.name != "mlp_lopt":
+        raise UserError(
+            f"lopt.hidden_sizes applies to lopt.name = 'mlp_lopt' only, not {config.lopt.name!r}"
+        )
+    return config
+
+
+def _validate_knobs(name: str, knobs: Mapping[str, Any]) -> None:
+    """``outer_train.estimators.validate_knobs`` (imported here, on first use, so that importing
+    the config does not import the estimators and JAX). Raises ``UserError``."""
+    try:
+        from outer_train.estimators import validate_knobs
+    except ImportError:  # estimators that predate validate_knobs: construct one, no problem
+        from outer_train.estimators import ESTIMATORS
+
+        ESTIMATORS[name](None, **knobs)
+        return
+    validate_knobs(name, knobs)
