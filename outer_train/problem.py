@@ -40,6 +40,7 @@ class LearnedOptState(NamedTuple):
 @flax.struct.dataclass
 class LearnedOptProblem:
     """InnerProblem for ``task`` trained by ``lopt``; see the module docstring for one step.
+    Build from user input with ``create`` (validates the options).
 
     task: a Task pytree (its data arrays are leaves, so jit takes the problem as an argument).
     lopt: the learned optimizer (static configuration).
@@ -54,18 +55,27 @@ class LearnedOptProblem:
     loss_transform: str = flax.struct.field(pytree_node=False, default="clip")
     loss_clip: float | None = flax.struct.field(pytree_node=False, default=None)
 
-    def __post_init__(self):
-        if self.meta_loss not in META_LOSSES:
+    @classmethod
+    def create(
+        cls,
+        task: Task,
+        lopt: LearnedOptimizer,
+        *,
+        meta_loss: str = "train",
+        loss_transform: str = "clip",
+        loss_clip: float | None = None,
+    ) -> LearnedOptProblem:
+        """The problem, with its options checked (UserError naming the bad one). Direct
+        construction does not check: JAX rebuilds this pytree at every jit boundary."""
+        if meta_loss not in META_LOSSES:
+            raise UserError(f"unknown meta_loss {meta_loss!r}; use one of {sorted(META_LOSSES)}")
+        if loss_transform not in LOSS_TRANSFORMS:
             raise UserError(
-                f"unknown meta_loss {self.meta_loss!r}; use one of {sorted(META_LOSSES)}"
+                f"unknown loss_transform {loss_transform!r}; use one of {sorted(LOSS_TRANSFORMS)}"
             )
-        if self.loss_transform not in LOSS_TRANSFORMS:
-            raise UserError(
-                f"unknown loss_transform {self.loss_transform!r}; "
-                f"use one of {sorted(LOSS_TRANSFORMS)}"
-            )
-        if self.loss_clip is not None and not self.loss_clip > 0:
-            raise UserError(f"loss_clip must be > 0 (or None for the task's), got {self.loss_clip}")
+        if loss_clip is not None and not loss_clip > 0:
+            raise UserError(f"loss_clip must be > 0 (or None for the task's), got {loss_clip}")
+        return cls(task, lopt, meta_loss, loss_transform, loss_clip)
 
     @property
     def clip_value(self) -> float:

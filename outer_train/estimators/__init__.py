@@ -2,12 +2,12 @@
 
 Every estimator is a frozen pytree dataclass: ``problem`` (an InnerProblem) plus static knobs,
 with ``init(key, theta) -> state`` and ``estimate(key, theta, state) -> (meta_grad, state,
-metrics)``, pure and jittable with the estimator as a jit argument.
+metrics)``, pure and jittable with the estimator as a jit argument. Knobs are validated on the
+constructor path (``make_estimator``, ``<Estimator>.create``, ``validate_knobs``), not when JAX
+rebuilds the pytree; direct construction ``PES(problem, ...)`` is not checked.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from learned_opt.errors import UserError
 from outer_train.base import InnerProblem
@@ -21,38 +21,36 @@ from outer_train.estimators.tbptt import TBPTT
 from outer_train.estimators.truncated_es import TruncatedES
 
 ESTIMATORS: dict[str, type] = {
-    "full_bptt": FullBPTT,
-    "tbptt": TBPTT,
-    "es": ES,
-    "truncated_es": TruncatedES,
-    "pes": PES,
-    "nres": NRES,
-    "hybrid": Hybrid,
+    cls.name: cls for cls in (FullBPTT, TBPTT, ES, TruncatedES, PES, NRES, Hybrid)
 }
+
+
+def _estimator_class(name: str) -> type:
+    if name not in ESTIMATORS:
+        raise UserError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 def estimator_knobs(name: str) -> tuple[str, ...]:
     """The knobs (dataclass fields other than ``problem``) of estimator ``name``."""
-    return tuple(f.name for f in dataclasses.fields(ESTIMATORS[name]) if f.name != "problem")
+    return ESTIMATORS[name].knob_names()
+
+
+def validate_knobs(name: str, knobs: dict) -> None:
+    """Check knob overrides for estimator ``name`` without a problem (as configs are checked).
+
+    Unknown names or knobs and bad values raise UserError naming them and what is allowed.
+    """
+    _estimator_class(name).validate(knobs)
 
 
 def make_estimator(name: str, problem: InnerProblem, **knobs):
     """Build estimator ``name`` for ``problem``; ``knobs`` override its defaults.
 
-    Unknown names or knobs raise UserError naming them and listing the allowed ones; a list
-    value (from TOML) becomes a tuple, e.g. horizon = [100, 1000] (log-uniform schedule).
+    Validated as ``validate_knobs``; a list value (from TOML) becomes a tuple, e.g.
+    horizon = [100, 1000] (log-uniform schedule).
     """
-    if name not in ESTIMATORS:
-        raise UserError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
-    allowed = estimator_knobs(name)
-    unknown = sorted(set(knobs) - set(allowed))
-    if unknown:
-        raise UserError(
-            f"unknown knob(s) {', '.join(unknown)} for estimator {name!r}; "
-            f"allowed: {', '.join(allowed)}"
-        )
-    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-    return ESTIMATORS[name](problem, **knobs)
+    return _estimator_class(name).create(problem, **knobs)
 
 
 __all__ = [
@@ -67,4 +65,5 @@ __all__ = [
     "draws",
     "estimator_knobs",
     "make_estimator",
+    "validate_knobs",
 ]

@@ -1,4 +1,4 @@
-"""Shared machinery of the antithetic ES family (es, truncated_es, pes, nres, hybrid).
+"""Layout and formulas of the antithetic ES family (es, truncated_es, pes, nres, hybrid).
 
 Layout: G tasks (groups) x M perturbations. Within a group, the particles are
 ``[pos_1..pos_M, neg_1..neg_M]`` (+ ``center`` for estimators that carry the unperturbed state);
@@ -8,12 +8,15 @@ order; pair i = (g, m) is row g*M + m.
 
 Estimate of one pair (REFERENCE.md; 1/sigma^2 overall, not 1/(2 sigma)):
     g_i = (L_i^+ - L_i^-) eps_i / (2 sigma^2),   g = mean_i g_i = 1/(N sigma^2) sum_{N/2 pairs}
+The mean runs over the valid pairs only (both members finite); with none it is NaN.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from outer_train.meta_loss import masked_mean
 
 # name -> meaning; applied to each loss difference (L+ - L-) before it multiplies the noise.
 LOSS_SHAPINGS: dict[str, str] = {
@@ -82,3 +85,32 @@ def pair_valid(pos_losses: jax.Array, neg_losses: jax.Array) -> jax.Array:
 def group_any(flags: jax.Array, num_groups: int) -> jax.Array:
     """bool [G]: any of a group's rows (laid out group-major) is set."""
     return jnp.any(flags.reshape(num_groups, -1), axis=1)
+
+
+def antithetic_gradient(
+    delta: jax.Array, noise: jax.Array, valid: jax.Array, sigma: float
+) -> jax.Array:
+    """1/(2 sigma^2) mean_{valid i} delta_i noise_i: flat [D] from differences [N], noise [N, D]."""
+    return masked_mean(delta[:, None] * noise, valid) / (2 * sigma**2)
+
+
+def split_antithetic_gradient(
+    before: jax.Array,
+    after: jax.Array,
+    noise_before: jax.Array,
+    noise_after: jax.Array,
+    valid: jax.Array,
+    sigma: float,
+) -> jax.Array:
+    """1/(2 sigma^2) mean_{valid i} (before_i noise_before_i + after_i noise_after_i), flat [D].
+
+    For a window that a reset splits into two episodes (``split_difference``): each part of a
+    pair's loss difference [N] multiplies the noise [N, D] of its own episode (PES, NRES).
+    """
+    samples = before[:, None] * noise_before + after[:, None] * noise_after
+    return masked_mean(samples, valid) / (2 * sigma**2)
+
+
+def pair_meta_loss(pos_losses: jax.Array, neg_losses: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean over valid pairs of (L+ + L-) / 2, the window-mean losses [N, K] of both members."""
+    return masked_mean(0.5 * jnp.mean(pos_losses + neg_losses, axis=-1), valid)

@@ -12,23 +12,12 @@ the episode's init and data keys.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
-import jax
-import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from outer_train.base import InnerProblem
-from outer_train.estimators import antithetic, knobs
-from outer_train.estimators.metrics import estimator_metrics
-from outer_train.meta_loss import masked_mean
-from outer_train.unroll import (
-    constrain_particles,
-    repeat_members,
-    unroll_particles,
-    window_keys,
-)
+from outer_train.estimators import knobs
+from outer_train.estimators.template import AntitheticTemplate, Ask
 
 
 class ESState(NamedTuple):
@@ -36,51 +25,17 @@ class ESState(NamedTuple):
 
 
 @flax.struct.dataclass
-class ES:
-    """Knobs: num_tasks episodes x num_perturbations antithetic pairs each; horizon T (constant);
-    sigma; loss_shaping ("none" | "sign" | "clip") with shaping_scale (loss units)."""
+class ES(knobs.AntitheticKnobs, AntitheticTemplate):
+    """Knobs: those of ``knobs.AntitheticKnobs``; horizon T is one integer."""
 
-    problem: InnerProblem
-    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
-    num_perturbations: int = flax.struct.field(pytree_node=False, default=1)
-    horizon: int = flax.struct.field(pytree_node=False, default=200)
-    sigma: float = flax.struct.field(pytree_node=False, default=0.01)
-    loss_shaping: str = flax.struct.field(pytree_node=False, default="none")
-    shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
-
-    def __post_init__(self):
-        knobs.check_antithetic(self, truncated=False)
-
-    @property
-    def inner_steps_per_estimate(self) -> int:
-        return 2 * self.num_tasks * self.num_perturbations * self.horizon
+    name: ClassVar[str] = "es"
 
     def init(self, key, theta) -> ESState:
         del key, theta
         return ESState()
 
-    def estimate(self, key, theta, state: ESState):
-        g, m = self.num_tasks, self.num_perturbations
-        keys = window_keys(key, g, self.horizon)
-        theta_flat, unravel = ravel_pytree(theta)
-        eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
-        thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
-        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
-        thetas, reset_keys, step_keys = constrain_particles((thetas, reset_keys, step_keys))
-        _, trace = unroll_particles(
-            self.problem, thetas, None, reset_keys, step_keys,
-            horizon=self.horizon, theta_axis=0,
-        )
-        pos, neg, _ = antithetic.split_members(trace.losses, g, m, with_center=False)
-        valid = antithetic.pair_valid(pos, neg)
-        delta = antithetic.shape_difference(
-            jnp.mean(pos - neg, axis=-1), self.loss_shaping, self.shaping_scale
-        )
-        meta_grad = masked_mean(delta[:, None] * eps, valid) / (2 * self.sigma**2)
-        metrics = estimator_metrics(
-            meta_loss=masked_mean(0.5 * jnp.mean(pos + neg, axis=-1), valid),
-            num_nonfinite=jnp.sum(~jnp.all(jnp.isfinite(trace.losses), axis=-1)),
-            num_resets=0,
-            inner_steps=self.inner_steps_per_estimate,
-        )
-        return unravel(meta_grad), state, metrics
+    def _ask(self, eps, state: ESState) -> Ask:
+        return Ask(eps, None, None)
+
+    def _tell(self, window, state: ESState):
+        return self._window_gradient(window), state

@@ -15,17 +15,16 @@ E_eps L(theta + eps): each task's gradient is taken at its own theta + eps, eps 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from outer_train.base import InnerProblem
 from outer_train.estimators import knobs
 from outer_train.estimators.antithetic import sample_noise
-from outer_train.estimators.metrics import estimator_metrics
+from outer_train.estimators.metrics import estimator_metrics, finite_backprop
 from outer_train.meta_loss import masked_mean
 from outer_train.unroll import constrain_particles, unroll_particles_grad, window_keys
 
@@ -35,21 +34,19 @@ class FullBPTTState(NamedTuple):
 
 
 @flax.struct.dataclass
-class FullBPTT:
+class FullBPTT(knobs.EstimatorKnobs):
     """Knobs: num_tasks episodes per estimate; horizon T (constant); sigma (0: plain backprop);
     segment_length of the rematerialized scan (None: ``unroll.memory_optimal_segment``)."""
 
-    problem: InnerProblem
-    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
-    horizon: int = flax.struct.field(pytree_node=False, default=200)
-    sigma: float = flax.struct.field(pytree_node=False, default=0.0)
-    segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
+    name: ClassVar[str] = "full_bptt"
+    num_tasks: int = knobs.knob(8)
+    horizon: int = knobs.knob(200)
+    sigma: float = knobs.knob(0.0)
+    segment_length: int | None = knobs.knob(None)
 
-    def __post_init__(self):
-        knobs.check_int("num_tasks", self.num_tasks)
-        knobs.check_horizon(self.horizon, constant=True)
-        knobs.check_sigma("sigma", self.sigma, allow_zero=True)
-        knobs.check_segment_length(self.segment_length)
+    @classmethod
+    def check_knobs(cls, values) -> None:
+        knobs.check_values(values, allow_zero_sigma=True)
 
     @property
     def inner_steps_per_estimate(self) -> int:
@@ -72,7 +69,7 @@ class FullBPTT:
             self.problem, thetas, None, reset_keys, step_keys,
             horizon=self.horizon, theta_axis=theta_axis, segment_length=self.segment_length,
         )
-        valid = jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)
+        valid = finite_backprop(losses, grads)
         metrics = estimator_metrics(
             meta_loss=masked_mean(losses, valid),
             num_nonfinite=jnp.sum(~valid),

@@ -19,7 +19,7 @@ two pairs (num_tasks * num_perturbations >= 2) to estimate variances.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
 import jax
@@ -28,13 +28,13 @@ from jax.flatten_util import ravel_pytree
 
 from learned_opt.errors import UserError
 from outer_train.estimators import antithetic, knobs
-from outer_train.estimators.metrics import estimator_metrics
+from outer_train.estimators.metrics import estimator_metrics, finite_backprop
+from outer_train.estimators.template import perturbed_thetas, start_centers
 from outer_train.meta_loss import masked_mean
 from outer_train.unroll import (
     ParticleState,
     force_reset,
     repeat_members,
-    start_particles,
     unroll_particles,
     unroll_particles_grad,
     window_keys,
@@ -47,11 +47,25 @@ class HybridState(NamedTuple):
     particles: ParticleState
 
 
-def _masked_variance(x: jax.Array, mean: jax.Array, valid: jax.Array) -> jax.Array:
+def masked_variance(x: jax.Array, mean: jax.Array, valid: jax.Array) -> jax.Array:
     """Unbiased per-coordinate variance of rows [N, D] where valid (0 with < 2 valid rows)."""
     count = jnp.sum(valid)
     sq = jnp.sum(jnp.where(valid[:, None], (x - mean) ** 2, 0.0), axis=0)
     return sq / jnp.maximum(count - 1, 1)
+
+
+def inverse_variance_combine(
+    es: jax.Array, rp: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(g [D], es_weight [D]) from per-pair estimates es, rp [N, D] over the valid pairs:
+    g_j = w_j mean(es)_j + (1 - w_j) mean(rp)_j, w_j = v_rp_j / (v_es_j + v_rp_j), i.e. the
+    inverse-variance weighting of the module docstring; w_j = 1/2 when both variances are 0."""
+    es_mean, rp_mean = masked_mean(es, valid), masked_mean(rp, valid)
+    es_var = masked_variance(es, es_mean, valid)
+    rp_var = masked_variance(rp, rp_mean, valid)
+    total = es_var + rp_var
+    es_weight = jnp.where(total > 0, rp_var / jnp.where(total > 0, total, 1.0), 0.5)
+    return es_weight * es_mean + (1 - es_weight) * rp_mean, es_weight
 
 
 @flax.struct.dataclass
@@ -59,33 +73,31 @@ class Hybrid(knobs.AntitheticWindowKnobs):
     """Knobs: those of ``knobs.AntitheticWindowKnobs`` (loss shaping acts on the ES side), and
     segment_length of the rematerialized window scan (None: ``unroll.memory_optimal_segment``)."""
 
-    segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
+    name: ClassVar[str] = "hybrid"
+    segment_length: int | None = knobs.knob(None)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_tasks * self.num_perturbations < 2:
+    @classmethod
+    def check_knobs(cls, values) -> None:
+        super().check_knobs(values)
+        if values["num_tasks"] * values["num_perturbations"] < 2:
             raise UserError(
                 "hybrid needs num_tasks * num_perturbations >= 2 to estimate variances, got "
-                f"{self.num_tasks} * {self.num_perturbations}"
+                f"{values['num_tasks']} * {values['num_perturbations']}"
             )
-        knobs.check_segment_length(self.segment_length)
 
     @property
     def inner_steps_per_estimate(self) -> int:
         return self.num_tasks * (2 * self.num_perturbations + 1) * self.trunc_length
 
     def init(self, key, theta) -> HybridState:
-        return HybridState(start_particles(
-            self.problem, key, theta, num_groups=self.num_tasks, group_size=1,
-            horizon=self.horizon, staggered=self.staggered, theta_axis=None,
-        ))
+        return HybridState(start_centers(self, key, theta))
 
     def estimate(self, key, theta, state: HybridState):
         g, m = self.num_tasks, self.num_perturbations
         keys = window_keys(key, g, self.trunc_length)
         theta_flat, unravel = ravel_pytree(theta)
         eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
-        thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
+        thetas = perturbed_thetas(theta_flat, unravel, eps, g, with_center=False)
         reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
         members = repeat_members(state.particles, 2 * m)
         losses, grads, _, _ = unroll_particles_grad(
@@ -97,23 +109,17 @@ class Hybrid(knobs.AntitheticWindowKnobs):
             self.problem, theta, state.particles, keys.reset, keys.step,
             horizon=self.horizon, theta_axis=None,
         )
-        pos_loss, neg_loss, _ = antithetic.split_members(losses, g, m, with_center=False)
-        pos_grad, neg_grad, _ = antithetic.split_members(grads, g, m, with_center=False)
-        member_ok = jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)
-        pos_ok, neg_ok, _ = antithetic.split_members(member_ok, g, m, with_center=False)
+        split = lambda x: antithetic.split_members(x, g, m, with_center=False)[:2]
+        (pos_loss, neg_loss), (pos_grad, neg_grad) = split(losses), split(grads)
+        member_ok = finite_backprop(losses, grads)
+        pos_ok, neg_ok = split(member_ok)
         valid = pos_ok & neg_ok
         delta = antithetic.shape_difference(
             pos_loss - neg_loss, self.loss_shaping, self.shaping_scale
         )
         es = delta[:, None] * eps / (2 * self.sigma**2)
         rp = 0.5 * (pos_grad + neg_grad)
-        es_mean, rp_mean = masked_mean(es, valid), masked_mean(rp, valid)
-        es_var = _masked_variance(es, es_mean, valid)
-        rp_var = _masked_variance(rp, rp_mean, valid)
-        total = es_var + rp_var
-        # Inverse-variance weights; when neither variance is estimable, weigh equally.
-        es_weight = jnp.where(total > 0, rp_var / jnp.where(total > 0, total, 1.0), 0.5)
-        meta_grad = es_weight * es_mean + (1 - es_weight) * rp_mean
+        meta_grad, es_weight = inverse_variance_combine(es, rp, valid)
         center = jnp.mean(center_trace.losses, axis=-1)
         center_valid = jnp.isfinite(center)
         metrics = estimator_metrics(

@@ -1,10 +1,17 @@
-"""Validation of estimator knobs: bad values raise UserError naming the knob and what is allowed.
+"""Estimator knobs: their declarations and their validation.
 
-Called from each estimator's ``__post_init__`` so direct construction and ``make_estimator``
-(config files) are checked alike.
+A knob means the same in every estimator that has it and is checked by one rule, keyed by its
+name (``check_values``); bad values raise UserError naming the knob and what is allowed.
+Validation runs in the constructor path only -- ``EstimatorKnobs.create`` and
+``outer_train.estimators.make_estimator`` / ``validate_knobs`` -- never in ``__post_init__``:
+JAX rebuilds these pytree dataclasses at every jit boundary and tree map.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import flax.struct
 
@@ -12,6 +19,11 @@ from learned_opt.errors import UserError
 from outer_train.base import InnerProblem
 from outer_train.estimators.antithetic import LOSS_SHAPINGS
 from outer_train.unroll import Horizon
+
+
+def knob(default):
+    """A static (non-pytree) dataclass field: a knob, part of the jit cache key."""
+    return flax.struct.field(pytree_node=False, default=default)
 
 
 def check_int(name: str, value, *, minimum: int = 1) -> None:
@@ -60,43 +72,100 @@ def check_horizon(
         )
 
 
-def check_segment_length(value) -> None:
-    if value is not None:
-        check_int("segment_length", value)
+def check_values(values: Mapping[str, Any], *, allow_zero_sigma: bool = False) -> None:
+    """Check every knob in ``values`` (an estimator's complete knob set) by its name.
 
-
-
-def check_antithetic(estimator, *, truncated: bool) -> None:
-    """The knobs every antithetic-ES estimator shares: pairs, horizon (with K when
-    ``truncated``, else a constant T), sigma and loss-difference shaping."""
-    check_int("num_tasks", estimator.num_tasks)
-    check_int("num_perturbations", estimator.num_perturbations)
-    if truncated:
-        check_int("trunc_length", estimator.trunc_length)
-        check_horizon(estimator.horizon, trunc_length=estimator.trunc_length)
-    else:
-        check_horizon(estimator.horizon, constant=True)
-    check_sigma("sigma", estimator.sigma)
-    check_choice("loss_shaping", estimator.loss_shaping, LOSS_SHAPINGS)
-    check_sigma("shaping_scale", estimator.shaping_scale)
+    An estimator without ``trunc_length`` unrolls whole episodes, so its horizon must be one
+    integer; with it, every horizon must be >= trunc_length. ``staggered`` takes any bool.
+    """
+    for name in ("num_tasks", "num_perturbations", "trunc_length"):
+        if name in values:
+            check_int(name, values[name])
+    truncated = "trunc_length" in values
+    check_horizon(
+        values["horizon"], trunc_length=values.get("trunc_length"), constant=not truncated
+    )
+    if "sigma" in values:
+        check_sigma("sigma", values["sigma"], allow_zero=allow_zero_sigma)
+    if "loss_shaping" in values:
+        check_choice("loss_shaping", values["loss_shaping"], LOSS_SHAPINGS)
+        check_sigma("shaping_scale", values["shaping_scale"])
+    if values.get("segment_length") is not None:
+        check_int("segment_length", values["segment_length"])
 
 
 @flax.struct.dataclass
-class AntitheticWindowKnobs:
-    """The problem and knobs of the windowed antithetic-ES estimators (PES, NRES, truncated ES,
-    hybrid), validated on construction: num_tasks x num_perturbations pairs; trunc_length K;
-    horizon T or (T_min, T_max) log-uniform; sigma; loss_shaping + shaping_scale; staggered:
-    start particles at random points of their first episode. Subclasses add their own knobs."""
+class EstimatorKnobs:
+    """An estimator's inner problem (a pytree field: its data arrays are leaves) and, in
+    subclasses, its static knobs. ``name`` is the estimator's name in ``ESTIMATORS``.
 
+    Build with ``create`` (or ``make_estimator``), which validates the knobs. Direct construction
+    does not validate: it is how JAX rebuilds the pytree, and ``replace`` uses it.
+    """
+
+    name: ClassVar[str]
     problem: InnerProblem
-    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
-    num_perturbations: int = flax.struct.field(pytree_node=False, default=1)
-    trunc_length: int = flax.struct.field(pytree_node=False, default=20)
-    horizon: Horizon = flax.struct.field(pytree_node=False, default=200)
-    sigma: float = flax.struct.field(pytree_node=False, default=0.01)
-    loss_shaping: str = flax.struct.field(pytree_node=False, default="none")
-    shaping_scale: float = flax.struct.field(pytree_node=False, default=1.0)
-    staggered: bool = flax.struct.field(pytree_node=False, default=True)
 
-    def __post_init__(self):
-        check_antithetic(self, truncated=True)
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "problem")
+
+    @classmethod
+    def validate(cls, knobs: Mapping[str, Any]) -> dict[str, Any]:
+        """``knobs`` (overrides of the defaults) as the constructor takes them -- a list from TOML
+        becomes a tuple, e.g. horizon = [100, 1000] -- after checking them: unknown names and bad
+        values raise UserError. Needs no problem (configs are checked before any data loads)."""
+        allowed = cls.knob_names()
+        unknown = sorted(set(knobs) - set(allowed))
+        if unknown:
+            raise UserError(
+                f"unknown knob(s) {', '.join(unknown)} for estimator {cls.name!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "problem"}
+        cls.check_knobs({**defaults, **knobs})
+        return knobs
+
+    @classmethod
+    def check_knobs(cls, values: Mapping[str, Any]) -> None:
+        """Raise UserError for a bad value in ``values`` (every knob of this estimator)."""
+        check_values(values)
+
+    @classmethod
+    def create(cls, problem: InnerProblem, **knobs):
+        """The estimator for ``problem`` with ``knobs`` overriding its defaults, validated."""
+        return cls(problem, **cls.validate(knobs))
+
+
+@flax.struct.dataclass
+class AntitheticKnobs(EstimatorKnobs):
+    """Knobs of every antithetic-ES estimator: num_tasks tasks x num_perturbations antithetic
+    pairs each; horizon T; sigma; loss_shaping (``antithetic.LOSS_SHAPINGS``) with
+    shaping_scale (loss units)."""
+
+    num_tasks: int = knob(8)
+    num_perturbations: int = knob(1)
+    horizon: Horizon = knob(200)
+    sigma: float = knob(0.01)
+    loss_shaping: str = knob("none")
+    shaping_scale: float = knob(1.0)
+
+    @property
+    def window_length(self) -> int:
+        """Inner steps per member per estimate: a whole episode."""
+        return self.horizon
+
+
+@flax.struct.dataclass
+class AntitheticWindowKnobs(AntitheticKnobs):
+    """Knobs of the windowed antithetic-ES estimators (truncated ES, PES, NRES, hybrid): those of
+    ``AntitheticKnobs``, with horizon T or (T_min, T_max) log-uniform, plus trunc_length K and
+    staggered (start particles at random points of their first episode)."""
+
+    trunc_length: int = knob(20)
+    staggered: bool = knob(True)
+
+    @property
+    def window_length(self) -> int:
+        return self.trunc_length

@@ -21,3 +21,13 @@ def estimator_metrics(
         "inner_steps": jnp.asarray(inner_steps, jnp.int32),
         **{k: jnp.asarray(v) for k, v in extra.items()},
     }
+
+
+def finite_unrolls(losses: jax.Array) -> jax.Array:
+    """bool [P]: every step loss of the particle's window [P, K] is finite."""
+    return jnp.all(jnp.isfinite(losses), axis=-1)
+
+
+def finite_backprop(losses: jax.Array, grads: jax.Array) -> jax.Array:
+    """bool [P]: the particle's window loss [P] and flat gradient [P, D] are finite."""
+    return jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)

@@ -15,7 +15,7 @@ number of windows (for one pair on a quadratic: (P+1) ||grad||^2, P = number of 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
 import jax
@@ -23,16 +23,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from outer_train.estimators import antithetic, knobs
-from outer_train.estimators.metrics import estimator_metrics
-from outer_train.meta_loss import masked_mean
-from outer_train.unroll import (
-    ParticleState,
-    force_reset,
-    repeat_members,
-    start_particles,
-    unroll_particles,
-    window_keys,
-)
+from outer_train.estimators.template import AntitheticTemplate, Ask, perturbed_thetas
+from outer_train.unroll import ParticleState, start_particles
 
 
 class NRESState(NamedTuple):
@@ -43,58 +35,42 @@ class NRESState(NamedTuple):
     eps: jax.Array
 
 
+def reused_noise(
+    eps: jax.Array, new_eps: jax.Array, restarted: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """NRES's noise for one window: (before, after, next eps).
+
+    eps [N, D]: each pair's episode perturbation; new_eps [N, D]: this window's fresh draw, used
+    by an episode that begins inside the window; restarted bool [N]: the episode ended inside
+    the window. The loss difference before a reset multiplies eps, the one after it new_eps;
+    the episode's eps carries on, or becomes new_eps.
+    """
+    return eps, new_eps, jnp.where(restarted[:, None], new_eps, eps)
+
+
 @flax.struct.dataclass
-class NRES(knobs.AntitheticWindowKnobs):
+class NRES(knobs.AntitheticWindowKnobs, AntitheticTemplate):
     """Knobs: those of ``knobs.AntitheticWindowKnobs``."""
 
-    @property
-    def inner_steps_per_estimate(self) -> int:
-        return 2 * self.num_tasks * self.num_perturbations * self.trunc_length
-
-    def _thetas(self, theta_flat, eps, unravel):
-        return jax.vmap(unravel)(
-            antithetic.member_thetas(theta_flat, eps, self.num_tasks, with_center=False)
-        )
+    name: ClassVar[str] = "nres"
 
     def init(self, key, theta) -> NRESState:
         g, m = self.num_tasks, self.num_perturbations
         noise_key, particle_key = jax.random.split(key)
         theta_flat, unravel = ravel_pytree(theta)
         eps = antithetic.sample_noise(noise_key, g * m, theta_flat, self.sigma)
+        thetas = perturbed_thetas(theta_flat, unravel, eps, g, with_center=False)
         particles = start_particles(
-            self.problem, particle_key, self._thetas(theta_flat, eps, unravel), num_groups=g,
-            group_size=2 * m, horizon=self.horizon, staggered=self.staggered, theta_axis=0,
+            self.problem, particle_key, thetas, num_groups=g, group_size=2 * m,
+            horizon=self.horizon, staggered=self.staggered, theta_axis=0,
         )
         return NRESState(particles, eps)
 
-    def estimate(self, key, theta, state: NRESState):
-        g, m = self.num_tasks, self.num_perturbations
-        keys = window_keys(key, g, self.trunc_length)
-        theta_flat, unravel = ravel_pytree(theta)
-        new_eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
-        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
-        particles, trace = unroll_particles(
-            self.problem, self._thetas(theta_flat, state.eps, unravel), state.particles,
-            reset_keys, step_keys, horizon=self.horizon, theta_axis=0,
-            reset_thetas=self._thetas(theta_flat, new_eps, unravel),
-        )
-        pos, neg, _ = antithetic.split_members(trace.losses, g, m, with_center=False)
-        after_reset = antithetic.split_members(trace.after_reset, g, m, with_center=False)[0]
-        valid = antithetic.pair_valid(pos, neg)
-        before, after = antithetic.split_difference(pos, neg, after_reset)
-        before = antithetic.shape_difference(before, self.loss_shaping, self.shaping_scale)
-        after = antithetic.shape_difference(after, self.loss_shaping, self.shaping_scale)
-        samples = before[:, None] * state.eps + after[:, None] * new_eps
-        meta_grad = masked_mean(samples, valid) / (2 * self.sigma**2)
-        restarted = after_reset[:, -1]
-        eps = jnp.where(restarted[:, None], new_eps, state.eps)
-        # A diverged pair restarts its whole task (members of a task stay in lockstep).
-        broken = antithetic.group_any(~valid, g)
-        metrics = estimator_metrics(
-            meta_loss=masked_mean(0.5 * jnp.mean(pos + neg, axis=-1), valid),
-            num_nonfinite=jnp.sum(~jnp.all(jnp.isfinite(trace.losses), axis=-1)),
-            num_resets=jnp.sum(antithetic.group_any(restarted, g)),
-            inner_steps=self.inner_steps_per_estimate,
-        )
-        new_state = NRESState(force_reset(particles, repeat_members(broken, 2 * m)), eps)
-        return unravel(meta_grad), new_state, metrics
+    def _ask(self, eps, state: NRESState) -> Ask:
+        # The episode's perturbation until a reset; this estimate's fresh one after it.
+        return Ask(state.eps, eps, state.particles)
+
+    def _tell(self, window, state: NRESState):
+        before, after, eps = reused_noise(state.eps, window.eps, window.restarted)
+        new_state = NRESState(self._reset_diverged_pairs(window), eps)
+        return self._episode_gradient(window, before, after), new_state

@@ -14,24 +14,16 @@ grows with the number of windows per episode, since xi keeps accumulating noise.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from outer_train.estimators import antithetic, knobs
-from outer_train.estimators.metrics import estimator_metrics
-from outer_train.meta_loss import masked_mean
-from outer_train.unroll import (
-    ParticleState,
-    force_reset,
-    repeat_members,
-    start_particles,
-    unroll_particles,
-    window_keys,
-)
+from outer_train.estimators import knobs
+from outer_train.estimators.template import AntitheticTemplate, Ask
+from outer_train.unroll import ParticleState, start_particles
 
 
 class PESState(NamedTuple):
@@ -42,13 +34,24 @@ class PESState(NamedTuple):
     xi: jax.Array
 
 
+def accumulated_noise(
+    xi: jax.Array, eps: jax.Array, restarted: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PES's noise for one window: (before, after, next xi).
+
+    xi [N, D]: noise accumulated by each pair's episode before this window; eps [N, D]: this
+    window's perturbation; restarted bool [N]: the episode ended inside the window. The loss
+    difference before a reset multiplies xi + eps, the one after it eps (its episode's only
+    noise so far); xi carries on as xi + eps, or restarts at eps.
+    """
+    return xi + eps, eps, jnp.where(restarted[:, None], eps, xi + eps)
+
+
 @flax.struct.dataclass
-class PES(knobs.AntitheticWindowKnobs):
+class PES(knobs.AntitheticWindowKnobs, AntitheticTemplate):
     """Knobs: those of ``knobs.AntitheticWindowKnobs``."""
 
-    @property
-    def inner_steps_per_estimate(self) -> int:
-        return 2 * self.num_tasks * self.num_perturbations * self.trunc_length
+    name: ClassVar[str] = "pes"
 
     def init(self, key, theta) -> PESState:
         g, m = self.num_tasks, self.num_perturbations
@@ -59,34 +62,10 @@ class PES(knobs.AntitheticWindowKnobs):
         theta_flat = ravel_pytree(theta)[0]
         return PESState(particles, jnp.zeros((g * m, theta_flat.shape[0]), theta_flat.dtype))
 
-    def estimate(self, key, theta, state: PESState):
-        g, m = self.num_tasks, self.num_perturbations
-        keys = window_keys(key, g, self.trunc_length)
-        theta_flat, unravel = ravel_pytree(theta)
-        eps = antithetic.sample_noise(keys.noise, g * m, theta_flat, self.sigma)
-        thetas = jax.vmap(unravel)(antithetic.member_thetas(theta_flat, eps, g, with_center=False))
-        reset_keys, step_keys = repeat_members((keys.reset, keys.step), 2 * m)
-        particles, trace = unroll_particles(
-            self.problem, thetas, state.particles, reset_keys, step_keys,
-            horizon=self.horizon, theta_axis=0,
-        )
-        pos, neg, _ = antithetic.split_members(trace.losses, g, m, with_center=False)
-        after_reset = antithetic.split_members(trace.after_reset, g, m, with_center=False)[0]
-        valid = antithetic.pair_valid(pos, neg)
-        before, after = antithetic.split_difference(pos, neg, after_reset)
-        before = antithetic.shape_difference(before, self.loss_shaping, self.shaping_scale)
-        after = antithetic.shape_difference(after, self.loss_shaping, self.shaping_scale)
-        samples = before[:, None] * (state.xi + eps) + after[:, None] * eps
-        meta_grad = masked_mean(samples, valid) / (2 * self.sigma**2)
-        restarted = after_reset[:, -1]
-        xi = jnp.where(restarted[:, None], eps, state.xi + eps)
-        # A diverged pair restarts its whole task (members of a task stay in lockstep).
-        broken = antithetic.group_any(~valid, g)
-        metrics = estimator_metrics(
-            meta_loss=masked_mean(0.5 * jnp.mean(pos + neg, axis=-1), valid),
-            num_nonfinite=jnp.sum(~jnp.all(jnp.isfinite(trace.losses), axis=-1)),
-            num_resets=jnp.sum(antithetic.group_any(restarted, g)),
-            inner_steps=self.inner_steps_per_estimate,
-        )
-        new_state = PESState(force_reset(particles, repeat_members(broken, 2 * m)), xi)
-        return unravel(meta_grad), new_state, metrics
+    def _ask(self, eps, state: PESState) -> Ask:
+        return Ask(eps, None, state.particles)
+
+    def _tell(self, window, state: PESState):
+        before, after, xi = accumulated_noise(state.xi, window.eps, window.restarted)
+        new_state = PESState(self._reset_diverged_pairs(window), xi)
+        return self._episode_gradient(window, before, after), new_state

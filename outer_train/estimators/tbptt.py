@@ -10,15 +10,14 @@ a particle with a non-finite loss or gradient is dropped from the mean, counted 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from outer_train.base import InnerProblem
 from outer_train.estimators import knobs
-from outer_train.estimators.metrics import estimator_metrics
+from outer_train.estimators.metrics import estimator_metrics, finite_backprop
 from outer_train.meta_loss import masked_mean
 from outer_train.unroll import (
     Horizon,
@@ -37,24 +36,18 @@ class TBPTTState(NamedTuple):
 
 
 @flax.struct.dataclass
-class TBPTT:
+class TBPTT(knobs.EstimatorKnobs):
     """Knobs: num_tasks particles; trunc_length K; horizon T or (T_min, T_max) log-uniform;
     staggered: start particles at random points of their first episode; segment_length of the
     rematerialized window scan (None: ``unroll.memory_optimal_segment``, which stores every
-    step's residuals when the window's fit its budget -- the standard workload's do)."""
+    step's residuals when the window's fit its budget)."""
 
-    problem: InnerProblem
-    num_tasks: int = flax.struct.field(pytree_node=False, default=8)
-    trunc_length: int = flax.struct.field(pytree_node=False, default=20)
-    horizon: Horizon = flax.struct.field(pytree_node=False, default=200)
-    staggered: bool = flax.struct.field(pytree_node=False, default=True)
-    segment_length: int | None = flax.struct.field(pytree_node=False, default=None)
-
-    def __post_init__(self):
-        knobs.check_int("num_tasks", self.num_tasks)
-        knobs.check_int("trunc_length", self.trunc_length)
-        knobs.check_horizon(self.horizon, trunc_length=self.trunc_length)
-        knobs.check_segment_length(self.segment_length)
+    name: ClassVar[str] = "tbptt"
+    num_tasks: int = knobs.knob(8)
+    trunc_length: int = knobs.knob(20)
+    horizon: Horizon = knobs.knob(200)
+    staggered: bool = knobs.knob(True)
+    segment_length: int | None = knobs.knob(None)
 
     @property
     def inner_steps_per_estimate(self) -> int:
@@ -73,7 +66,7 @@ class TBPTT:
             horizon=self.horizon, theta_axis=None,
             segment_length=self.segment_length,
         )
-        valid = jnp.isfinite(losses) & jnp.all(jnp.isfinite(grads), axis=-1)
+        valid = finite_backprop(losses, grads)
         metrics = estimator_metrics(
             meta_loss=masked_mean(losses, valid),
             num_nonfinite=jnp.sum(~valid),
