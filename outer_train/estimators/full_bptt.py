@@ -26,7 +26,8 @@ from outer_train.estimators import knobs
 from outer_train.estimators.antithetic import sample_noise
 from outer_train.estimators.metrics import estimator_metrics, finite_backprop
 from outer_train.meta_loss import masked_mean
-from outer_train.unroll import constrain_particles, unroll_particles_grad, window_keys
+from outer_train.placement import constrain_particles
+from outer_train.unroll import unroll_particles_grad, window_keys
 
 
 class FullBPTTState(NamedTuple):

@@ -32,9 +32,9 @@ from jax.flatten_util import ravel_pytree
 from outer_train.base import EstimatorState, Metrics, PRNGKey, Theta
 from outer_train.estimators import antithetic
 from outer_train.estimators.metrics import estimator_metrics, finite_unrolls
+from outer_train.placement import constrain_particles
 from outer_train.unroll import (
     ParticleState,
-    constrain_particles,
     force_reset,
     repeat_members,
     start_particles,
