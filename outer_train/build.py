@@ -133,7 +133,7 @@ def build(config: MetaTrainConfig) -> MetaTrainSetup:
     estimators = tuple(
         make_estimator(
             config.estimator.name,
-            LearnedOptProblem(
+            LearnedOptProblem.create(
                 task, lopt, meta_loss=p.meta_loss, loss_transform=p.loss_transform,
                 loss_clip=p.loss_clip or None,
             ),

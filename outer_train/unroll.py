@@ -37,11 +37,6 @@ from jax.flatten_util import ravel_pytree
 from outer_train.base import InnerProblem, InnerState, PRNGKey, Theta
 from outer_train.meta_loss import masked_mean
 
-# Moved to outer_train.placement; importable from here until the estimators (es, full_bptt),
-# diagnostics and tests import them from placement.
-from outer_train.placement import constrain_particles as constrain_particles
-from outer_train.placement import shard_particles as shard_particles
-
 Horizon = int | tuple[int, int]
 
 

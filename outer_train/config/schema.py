@@ -291,11 +291,6 @@ def config_from_dict(data: Mapping[str, Any]) -> MetaTrainConfig:
 def _validate_knobs(name: str, knobs: Mapping[str, Any]) -> None:
     """``outer_train.estimators.validate_knobs`` (imported here, on first use, so that importing
     the config does not import the estimators and JAX). Raises ``UserError``."""
-    try:
-        from outer_train.estimators import validate_knobs
-    except ImportError:  # estimators that predate validate_knobs: construct one, no problem
-        from outer_train.estimators import ESTIMATORS
+    from outer_train.estimators import validate_knobs
 
-        ESTIMATORS[name](None, **knobs)
-        return
     validate_knobs(name, knobs)

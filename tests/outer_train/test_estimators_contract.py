@@ -307,7 +307,7 @@ def test_batched_draws_equal_vmapped_draws():
 _SPLIT_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from outer_train.estimators import make_estimator
-from outer_train.unroll import constrain_particles
+from outer_train.placement import constrain_particles
 from outer_train.analytic import LinearSystemProblem
 
 lds = LinearSystemProblem.create(jax.random.key(0), noise_scale=0.1)

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from outer_train.runtime import SettingError
-from outer_train.runtime import host_allocator
+from outer_train.runtime import SettingError, host_allocator
 
 # A jitted program whose matmul output (3072 x 4096 float32 = 48 MiB) is a temporary buffer,
 # above glibc's largest mmap threshold (32 MiB). Page faults of each of 24 calls: once tuned, a

@@ -269,8 +269,11 @@ def test_particles_split_over_two_host_devices_match_one_device(tmp_path):
         "from outer_train.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
+    # one persistent compilation cache for the four processes: the second run of each device
+    # count loads its programs instead of compiling them again (same executables, same bits)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     tiny = [a for a in TINY if not a.startswith("run.num_outer_steps")]
 
     def run(out, devices, steps, *extra):

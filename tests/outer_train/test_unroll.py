@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from outer_train import unroll
+from outer_train import placement, unroll
 from outer_train.analytic import LinearSystemProblem
 from outer_train.unroll import ParticleState
 
@@ -191,7 +191,7 @@ def test_evaluate_meta_loss_is_the_expected_meta_loss_on_a_noise_free_system():
 def test_shard_particles_splits_the_leading_axis_and_replicates_the_rest():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("particles",))
     tree = {"per_particle": jnp.ones((4, 3)), "scalar": jnp.ones(())}
-    placed = unroll.shard_particles(tree, mesh)
+    placed = placement.shard_particles(tree, mesh)
     assert placed["per_particle"].sharding.spec == jax.sharding.PartitionSpec("particles")
     assert placed["scalar"].sharding.spec == jax.sharding.PartitionSpec()
     np.testing.assert_array_equal(placed["per_particle"], tree["per_particle"])

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from outer_train.runtime import SettingError
-from outer_train.runtime import xla_cpu
+from outer_train.runtime import SettingError, xla_cpu
 
 
 @pytest.fixture

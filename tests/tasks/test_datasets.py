@@ -19,8 +19,8 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from tasks.errors import TaskError
 from tasks.datasets import VALID_FRACTION, load_dataset
+from tasks.errors import TaskError
 from tasks.idx import read_idx
 from tasks.splits import carve, stable_permutation
 

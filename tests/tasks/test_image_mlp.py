@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from tasks.errors import TaskError
 from tasks.base import Task
+from tasks.errors import TaskError
 from tasks.image_mlp import PRESETS, STANDARD_PRESET, ImageMLPConfig, make_task, preset
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from tasks.errors import TaskError
 from outer_train.cli import main as cli_main
+from tasks.errors import TaskError
 from tasks.train import (
     check_schedule,
     init_train_state,

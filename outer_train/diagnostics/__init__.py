@@ -1,0 +1,1 @@
+"""Diagnostics of the inner-training map and of meta-loss slices: roughness, Jacobians."""
