@@ -109,7 +109,7 @@ def _backward_rows(w: Weights, x, shared_bias, scales: Scales, g, saved: Saved):
     dd = g * factor  # d step / d d = factor
     dm = g * d * factor * scales.exp_mult  # d step / d m
     # two matrix-vector products: as one [H, N] x [N, 2] dot, batched over particles (vmap),
-    # XLA's CPU backend is 14x slower
+    # XLA's CPU backend runs much slower
     d_out_kernel = jnp.stack([hs[-1].T @ dd, hs[-1].T @ dm], axis=-1)
     d_out_bias = jnp.stack([jnp.sum(dd), jnp.sum(dm)])
     # through the last ReLU: fused multiply-adds of the two output columns, masked

@@ -9,9 +9,9 @@ Why bounded: JAX dispatches jitted calls asynchronously. With several XLA CPU de
 (``--xla_force_host_platform_device_count``), a few dozen to a few hundred multi-device calls
 queued without waiting for their results deadlock XLA's cross-device all-reduce: the
 rendezvous of one call waits for a device thread still busy with another, and XLA aborts the
-process after 40 s (``/work/shared/repro/cpu_allreduce_queue.py``). Fetching each result
-(``jax.device_get``) before more than ``max_in_flight`` calls are queued bounds the queue; two in
-flight still overlap the host's work (slicing, transfers) with the devices'.
+process after 40 s. Fetching each result (``jax.device_get``) before more than ``max_in_flight``
+calls are queued bounds the queue (``tests/outer_train/test_chunked.py`` runs > 100 such calls);
+two in flight still overlap the host's work (slicing, transfers) with the devices'.
 """
 
 from __future__ import annotations

