@@ -148,3 +148,12 @@ def test_bad_grids_raise():
         max_abs_slope(PARABOLA, GRID[:-1])
     with pytest.raises(ValueError, match="at least 3"):
         second_difference([1.0, 2.0], [0.0, 1.0])
+
+
+def test_a_float32_grid_counts_as_evenly_spaced():
+    # np.linspace in float32 spaces its points unevenly by rounding (~1e-5 relative here)
+    a = np.linspace(-0.01, 0.01, 129, dtype=np.float32)
+    assert not np.allclose(np.diff(a), np.diff(a)[0], rtol=1e-6, atol=0.0)
+    h = float(np.diff(a.astype(np.float64)).mean())
+    y = a.astype(np.float64) ** 2
+    assert second_difference(y, a) == pytest.approx(2 * h**2 / 1e-4, rel=1e-3)
