@@ -227,21 +227,6 @@ def episode_step_losses(
     return trace.losses
 
 
-def slice_step_losses(
-    problem: InnerProblem,
-    thetas_flat: jax.Array,
-    unravel: Callable[[jax.Array], Theta],
-    *,
-    max_horizon: int,
-    mode: str,
-    key: PRNGKey,
-) -> jax.Array:
-    """float [C, max_horizon]: ``episode_step_losses`` with the keys of
-    ``episode_keys(key, max_horizon, mode)`` (``key`` is the episode key, not split further)."""
-    reset_key, step_keys = episode_keys(key, max_horizon, mode)
-    return episode_step_losses(problem, thetas_flat, unravel, reset_key, step_keys)
-
-
 def prefix_meta_losses(losses: jax.Array, horizons: Sequence[int]) -> jax.Array:
     """[C, H]: L_T = mean(losses[:, :T]) for each T in ``horizons``; NaN if any of the first T
     per-step losses is non-finite. losses: [C, T_max] with T_max >= max(horizons)."""
