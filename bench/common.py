@@ -9,10 +9,10 @@ flags once), and nothing here imports JAX at module level.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import time
+
+from outer_train.runtime.machine import machine
 
 
 def configure_process(*, devices: int | None = None) -> dict[str, str]:
@@ -63,46 +63,6 @@ def matmul_gflops(repeats: int = 5, steps: int = 8) -> float:
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``; empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def machine() -> dict:
-    """Which machine a figure came from: CPU model, usable cores, AVX-512 or not, platform.
-
-    The project meets AMD EPYC CPUs with and without AVX-512, ~2.5x apart in speed: a figure
-    without this is not comparable."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    flags = cpu_flags()
-    return {
-        "cpu": cpu_model(),
-        "cores": cores,
-        "avx512": any(f.startswith("avx512") for f in flags),
-        "avx2": "avx2" in flags,
-        "platform": platform.platform(),
-    }
 
 
 def emit(result: dict, out: str | None, *, indent: int = 1) -> None:

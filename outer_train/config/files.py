@@ -37,14 +37,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Returns a copy of the TOML dict ``data`` with ``--set`` overrides applied."""
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *,
+                    extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Returns a copy of the TOML dict ``data`` with ``--set`` overrides applied.
+
+    extra: sections besides the meta-training ones that ``--set`` may name (a diagnostic's own
+    section, e.g. "surface")."""
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    sections = (*SECTIONS, *extra)
     for text in overrides:
         (section, key), value = parse_override(text)
-        if section not in SECTIONS:
+        if section not in sections:
             raise UserError(
-                f"--set {text!r}: unknown section {section!r}; sections: {', '.join(SECTIONS)}"
+                f"--set {text!r}: unknown section {section!r}; sections: {', '.join(sections)}"
             )
         out.setdefault(section, {})
         if not isinstance(out[section], dict):

@@ -1,0 +1,5 @@
+"""``python -m outer_train.cli`` = ``learned-opt``."""
+
+from outer_train.cli import main
+
+raise SystemExit(main())
