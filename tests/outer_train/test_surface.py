@@ -393,6 +393,12 @@ result = surface.compute_surface(
     mode="common", mesh=particle_mesh(2), horizons=%(horizons)s, key=jax.random.key(4),
     num_smoothing=3, sigma=0.1, chunk_size=8)
 assert len(shardings) == 2 and not any(s.is_fully_replicated for s in shardings), shardings
+# more than 100 two-device calls in a row: map_chunks bounds them in flight (no deadlock)
+many = surface.compute_surface(
+    problem, theta0, [surface.axis_direction(theta0, "log_lr")],
+    np.linspace(-1, 1, 202, dtype=np.float32), mode="fixed_batch", mesh=particle_mesh(2),
+    horizons=(1, 4), key=jax.random.key(5), chunk_size=2)
+assert len(shardings) == 2 + 101 and np.all(np.isfinite(many.raw)), (len(shardings), many.raw)
 print(json.dumps({name: getattr(result, name).tolist()
                   for name in ("raw", "smoothed", "smoothed_stderr")}
                  | {"inner_steps": result.inner_steps}))
@@ -402,7 +408,8 @@ print(json.dumps({name: getattr(result, name).tolist()
 @pytest.mark.slow
 def test_mesh_result_equals_the_single_device_one(quad_slices):
     """The same slice (QUAD, "common", 3 perturbations) on a 2-device mesh in a fresh process:
-    each chunk's output is split over the devices, and the numbers equal this process's."""
+    each chunk's output is split over the devices, and the numbers equal this process's; then
+    a slice of 101 two-device calls runs to the end."""
     assert QUAD_KNOBS["key"] is QUAD_KEY and np.all(
         jax.random.key_data(QUAD_KEY) == jax.random.key_data(jax.random.key(4))
     )

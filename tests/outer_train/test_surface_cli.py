@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from learned_opt import LearnedMomentum, save
 from learned_opt.errors import UserError
 from outer_train.config.diagnostics import SurfaceConfig, load_diagnostic_config
 from outer_train.diagnostics import surface, surface_report
@@ -81,9 +82,12 @@ def test_cli_result_is_compute_surface_with_the_documented_keys(slice_run):
     assert record["provenance"]["config"]["surface"]["num_smoothing"] == 2
 
 
-def test_cli_2d_surface_over_two_hyperparameter_axes(tmp_path, tfds_data_dir):
+def test_cli_2d_surface_over_two_hyperparameter_axes_of_a_saved_optimizer(tmp_path,
+                                                                           tfds_data_dir):
+    lopt = LearnedMomentum()
+    save(tmp_path / "momentum.lopt", lopt, LearnedMomentum.theta_from(0.05, 0.8))
     proc = _cli(
-        "--set", "lopt.name=learned_momentum", "--set", "task.hidden_sizes=[8]",
+        "--optimizer", str(tmp_path / "momentum.lopt"), "--set", "task.hidden_sizes=[8]",
         "--set", "task.batch_size=16", "--set", "surface.num_points=3",
         "--set", "surface.horizons=[3]", "--set", "surface.radius=1.0",
         "--set", 'surface.directions=["log_lr","log_one_minus_momentum"]',
@@ -92,6 +96,8 @@ def test_cli_2d_surface_over_two_hyperparameter_axes(tmp_path, tfds_data_dir):
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "surface.json").read_text())
     assert record["kind"] == "2-D surface" and record["roughness"] is None
+    assert record["provenance"]["theta_source"].startswith("file ")
+    assert record["provenance"]["num_meta_parameters"] == 2
     assert np.array(record["raw"]).shape == (9, 1)
     with open(tmp_path / "surface.csv") as f:
         rows = list(csv.DictReader(f))
