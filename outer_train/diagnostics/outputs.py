@@ -29,19 +29,32 @@ import numpy as np
 from outer_train.runtime.machine import describe, machine
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Writes ``text`` to ``path`` atomically; returns the path."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically, with the permissions a plain ``open`` would
+    give (mkstemp's are owner-only); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    return write_bytes(path, text.encode())
 
 
 def jsonable(value: Any) -> Any:
@@ -164,16 +177,7 @@ def pyplot():
 
 def save_figure(fig, path: str | Path) -> Path:
     """Saves a matplotlib figure atomically as PNG and closes it."""
-    path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     pyplot().close(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, buffer.getvalue())
