@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given (recorded in the diagnostics' outputs)
     if args.command is None:
         parser.print_help()
         return 2

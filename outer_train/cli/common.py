@@ -32,9 +32,11 @@ def load_job(args: argparse.Namespace, name: str):
     optimizer file read) before any compute."""
     from outer_train.config.diagnostics import load_diagnostic_config
     from outer_train.diagnostics.job import prepare
+    from outer_train.diagnostics.outputs import command_line
 
     config, section = load_diagnostic_config(args.config, args.overrides, name)
-    job = prepare(name, config, section, args.optimizer)
+    job = prepare(name, config, section, args.optimizer,
+                  command=command_line(getattr(args, "argv", None)))
     tag = args.optimizer.stem if args.optimizer is not None else config.lopt.name
     out = args.out or Path("runs") / f"{name}_{tag}_seed{section.seed}"
     out.mkdir(parents=True, exist_ok=True)

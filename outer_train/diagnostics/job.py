@@ -33,7 +33,8 @@ from tasks.base import Task
 @dataclasses.dataclass(frozen=True)
 class Job:
     """A diagnostic's inputs. name: the command ("surface", "dynamics", "variance");
-    section: its config section; theta_source: where theta came from, in words (for outputs)."""
+    section: its config section; theta_source: where theta came from, in words (for outputs);
+    command: the command line that asked for it ("" = this process's, ``sys.argv``)."""
 
     name: str
     config: MetaTrainConfig
@@ -44,6 +45,7 @@ class Job:
     task: Task
     problem: LearnedOptProblem
     mesh: jax.sharding.Mesh | None
+    command: str = ""
 
     @property
     def num_devices(self) -> int:
@@ -58,7 +60,7 @@ class Job:
 
 
 def prepare(name: str, config: MetaTrainConfig, section: Any,
-            optimizer_path: str | Path | None = None) -> Job:
+            optimizer_path: str | Path | None = None, *, command: str = "") -> Job:
     """The job of ``learned-opt <name>``; ``UserError`` for a family task or a bad file."""
     from outer_train.build import make_lopt, run_keys
     from tasks.image_mlp import make_task
@@ -84,7 +86,7 @@ def prepare(name: str, config: MetaTrainConfig, section: Any,
         loss_transform=p.loss_transform, loss_clip=p.loss_clip or None,
     )
     mesh = placement.particle_mesh(config.run.devices)
-    return Job(name, config, section, lopt, theta, source, problem.task, problem, mesh)
+    return Job(name, config, section, lopt, theta, source, problem.task, problem, mesh, command)
 
 
 def direction(job: Job, spec: str, key: jax.Array, theta: Theta | None = None) -> Theta:

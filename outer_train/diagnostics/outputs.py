@@ -111,7 +111,7 @@ def provenance(job, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     import jax
 
     return {
-        "command": command_line(argv),
+        "command": job.command or command_line(argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "jax": jax.__version__,
