@@ -178,7 +178,7 @@ def summary_md(prov, what, sec, result, summary, rates) -> str:
         f"error over {over}. L_T: mean of the first T per-step meta-losses (mean over seeds); "
         "||dL_T/dtheta||: full backprop, geometric mean over seeds.",
         "",
-        markdown_table(["T", "lambda_T", "tail", "L_T", "||dL_T/dtheta||"], rows),
+        markdown_table(["T", "lambda_T", "tail", "L_T", "norm of dL_T/dtheta"], rows),
         "",
     ]
     if result.grad_norm is not None:
