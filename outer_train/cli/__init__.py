@@ -15,21 +15,30 @@ from outer_train import runtime
 
 # Subcommands whose work is split over devices (particles): on CPU they get one XLA device per
 # core (``runtime.xla_cpu.split_host_into_devices``).
-SPLIT_HOST: frozenset[str] = frozenset({"meta-train", "surface", "variance"})
+SPLIT_HOST: frozenset[str] = frozenset({"meta-train", "compare", "surface", "variance"})
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand, in the order a user meets them."""
     # after the process settings (see main)
-    from outer_train.cli import dynamics, evaluate, meta_train, surface, train, variance
+    from outer_train.cli import (
+        compare,
+        dynamics,
+        evaluate,
+        meta_train,
+        surface,
+        train,
+        variance,
+    )
 
     parser = argparse.ArgumentParser(
         prog="learned-opt",
         description="Meta-train learned optimizers and measure their meta-gradients.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = (("train", train), ("meta-train", meta_train), ("eval", evaluate),
-                ("surface", surface), ("dynamics", dynamics), ("variance", variance))
+    commands = (("train", train), ("meta-train", meta_train), ("compare", compare),
+                ("eval", evaluate), ("surface", surface), ("dynamics", dynamics),
+                ("variance", variance))
     for name, module in commands:
         sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sp)

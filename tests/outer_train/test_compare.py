@@ -1,0 +1,244 @@
+"""``learned-opt compare`` end to end at tiny sizes: the files and their numbers against the run
+directories, resume after a kill (finished runs skipped, same results), a failing arm that does
+not stop the others, and config errors named by their key."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from learned_opt.errors import UserError
+from outer_train import compare as compare_mod
+from outer_train.cli import main
+from outer_train.config import load_toml
+from outer_train.config.compare import compare_config_from_dict, load_compare_config
+from outer_train.logging import read_records
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = """
+[task]
+hidden_sizes = [8]
+batch_size = 16
+[lopt]
+name = "learned_sgd"  # few meta-parameters: quick to compile
+[estimator]
+num_tasks = 2
+horizon = 8
+[run]
+devices = 1
+[eval]
+num_seeds = 2
+num_inner_steps = 8
+curve_every = 4
+adam_learning_rates = [0.03, 0.1]
+[checkpoint]
+every = 2
+[compare]
+seeds = [0, 1]
+budget_inner_steps = 64
+num_budget_points = 2
+[[compare.arms]]
+label = "tbptt"
+estimator = { name = "tbptt", trunc_length = 4 }
+[[compare.arms]]
+label = "pes"
+estimator = { name = "pes", trunc_length = 4 }
+"""
+# tbptt: 2 tasks x K = 4 -> 8 inner steps per outer step, 8 outer steps; pes: 16 and 4.
+VOLATILE = {"run_seconds", "train_seconds", "run_dir"}
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("compare") / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_file) -> Path:
+    out = tiny_file.parent / "out"
+    assert main(["compare", str(tiny_file), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+@pytest.mark.slow
+def test_outputs_and_numbers_match_the_run_directories(cli_run):
+    for name in ("report.md", "results.csv", "results.json", "compare.json",
+                 "heldout_vs_inner_steps.png", "heldout_vs_seconds.png", "meta_training.png",
+                 "heldout_curves.png"):
+        assert (cli_run / name).exists(), name
+    rows = _csv(cli_run / "results.csv")
+    assert len(rows) == 2 * 2 * 3  # arms x seeds x budget points 0..2
+    outer_steps = {"tbptt": 8, "pes": 4}  # 8 and 16 inner steps per outer step
+    for row in rows:
+        run = Path(row["run_dir"])
+        assert run == cli_run / row["label"] / f"seed{row['seed']}"
+        assert row["status"] == "finished"
+        assert (run / "learned_optimizer.lopt").exists() and (run / "summary.md").exists()
+        n = outer_steps[row["label"]]
+        j = int(row["budget_point"])
+        assert int(row["outer_step"]) == j * n // 2
+        assert float(row["inner_steps"]) == j * 32  # the same budget points for every arm
+        ev = {r["outer_step"]: r for r in read_records(run / "metrics.jsonl", "eval")}
+        rec = ev[int(row["outer_step"])]
+        assert float(row["heldout_meta_objective"]) == rec["learned_mean_batch_loss"]
+        assert float(row["valid_accuracy"]) == rec["learned_valid_accuracy"]
+        assert float(row["adam_meta_objective"]) == rec["adam_mean_batch_loss"]
+    # The same tuned Adam for every arm of a seed.
+    for seed in ("0", "1"):
+        adam = {r["adam_meta_objective"] for r in rows if r["seed"] == seed}
+        assert len(adam) == 1
+    # The report's main table: mean +- sem over seeds of the final points.
+    final = [float(r["heldout_meta_objective"]) for r in rows
+             if r["label"] == "pes" and r["budget_point"] == "2"]
+    mean, sem = np.mean(final), np.std(final, ddof=1) / math.sqrt(2)
+    report = (cli_run / "report.md").read_text()
+    assert f"{mean:.4f} ± {sem:.4f}" in report
+    assert "one after another" in report and "## Recommendation" in report
+    summary = json.loads((cli_run / "results.json").read_text())
+    assert [a["label"] for a in summary["arms"]] == ["tbptt", "pes"]
+
+
+@pytest.mark.slow
+def test_refuses_an_existing_comparison_without_resume(cli_run, tiny_file):
+    base, compare = load_compare_config(tiny_file)
+    with pytest.raises(UserError, match="--resume"):
+        compare_mod.run_compare(base, compare, cli_run, progress=False, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_skips_finished_runs_and_ends_the_same(cli_run, tiny_file,
+                                                                   monkeypatch):
+    base, compare = load_compare_config(tiny_file)
+    out = tiny_file.parent / "killed"
+    real = compare_mod.meta_train
+    calls = []
+
+    def killed(config, out_dir, **kw):  # pes/seed0 is killed after 2 of its 4 outer steps
+        calls.append(Path(out_dir).relative_to(out).as_posix())
+        if calls[-1] == "pes/seed0":
+            real(config, out_dir, **kw, stop_after=2)
+            raise KeyboardInterrupt
+        return real(config, out_dir, **kw)
+
+    monkeypatch.setattr(compare_mod, "meta_train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compare_mod.run_compare(base, compare, out, progress=False, log=lambda s: None)
+    assert calls == ["tbptt/seed0", "tbptt/seed1", "pes/seed0"]
+    assert not (out / "report.md").exists()
+    calls.clear()
+    monkeypatch.setattr(compare_mod, "meta_train", _counting(real, calls, out))
+    compare_mod.run_compare(base, compare, out, resume=True, progress=False, log=lambda s: None)
+    assert calls == ["pes/seed0", "pes/seed1"]  # the finished tbptt runs were skipped
+    resumed = [r for r in read_records(out / "pes/seed0/metrics.jsonl", "eval")]
+    assert [r["outer_step"] for r in resumed] == [0, 2, 4]
+    assert _stable(_csv(out / "results.csv")) == _stable(_csv(cli_run / "results.csv"))
+
+
+def _counting(real, calls, out):
+    def fn(config, out_dir, **kw):
+        calls.append(Path(out_dir).relative_to(out).as_posix())
+        assert kw["resume"] == (calls[-1] == "pes/seed0")  # the killed run continues
+        return real(config, out_dir, **kw)
+
+    return fn
+
+
+@pytest.mark.slow
+def test_a_failing_arm_does_not_stop_the_others(cli_run, tiny_file, monkeypatch):
+    base, compare = load_compare_config(tiny_file)
+    out = tiny_file.parent / "failing"
+    real = compare_mod.meta_train
+
+    def diverging(config, out_dir, **kw):
+        if config.estimator.name == "tbptt" and config.run.seed == 1:
+            raise UserError("meta-training diverged: 20 non-finite meta-gradients in a row")
+        return real(config, out_dir, **kw)
+
+    monkeypatch.setattr(compare_mod, "meta_train", diverging)
+    result = compare_mod.run_compare(base, compare, out, progress=False, log=lambda s: None)
+    status = {r.spec.directory.relative_to(out).as_posix(): r.status for r in result.runs}
+    assert status == {"tbptt/seed0": "finished", "tbptt/seed1": "failed",
+                      "pes/seed0": "finished", "pes/seed1": "finished"}
+    report = (out / "report.md").read_text()
+    assert "tbptt failed in 1/2 seeds (meta-training diverged" in report
+    assert "(1/2 seeds)" in report
+    # A failed run is done: resume does not retry it.
+    calls = []
+    monkeypatch.setattr(compare_mod, "meta_train", _counting(real, calls, out))
+    compare_mod.run_compare(base, compare, out, resume=True, progress=False, log=lambda s: None)
+    assert calls == []
+
+
+def _with(data_text: str, **edits) -> dict:
+    import tomllib
+
+    data = tomllib.loads(data_text)
+    for path, value in edits.items():
+        *head, last = path.split("__")
+        node = data
+        for k in head:
+            node = node[int(k)] if k.isdigit() else node[k]
+        node[int(last) if last.isdigit() else last] = value
+    return data
+
+
+@pytest.mark.parametrize(("edits", "message"), [
+    ({"compare__arms__1__estimator": {"name": "pes", "trunc_lenght": 4}},
+     r"compare\.arms\[1\]\.estimator\.trunc_lenght"),
+    ({"compare__arms__0__estimator": {"name": "tbptt", "sigma": 0.1}},
+     r"compare\.arms\[0\]\.estimator\.sigma is not a knob of estimator 'tbptt'"),
+    ({"compare__arms__1__estimator": {"name": "pes", "trunc_length": 50}},
+     r"compare\.arms\[1\] \(label 'pes'\).*shorter than trunc_length 50"),
+    ({"compare__arms__1__label": "tbptt"}, r"compare\.arms\[1\]\.label = 'tbptt' is used"),
+    ({"compare__arms__1__learning_rates": [0.0]}, r"compare\.arms\[1\]\.learning_rates"),
+    ({"compare__arms__1__lr": 0.1}, r"compare\.arms\[1\]\.lr"),
+    ({"compare__seeds": []}, r"compare\.seeds"),
+    ({"compare__budget": "seconds"}, r"compare\.budget = 'seconds'"),
+    ({"compare__budget_inner_steps": 16}, r"compare\.budget_inner_steps = 16 .*at least 32"),
+    ({"compare__num_budget_pts": 2}, r"compare\.num_budget_pts"),
+    ({"compare__arms": []}, r"compare\.arms is empty"),
+    ({"compare__arms__1__estimator": {"name": "pes", "horizon": 12, "trunc_length": 4}},
+     r"eval\.num_inner_steps"),
+])
+def test_config_errors_name_the_key(edits, message):
+    data = _with(TINY, **edits)
+    if "compare__arms__1__estimator" in edits and "horizon" in edits[
+            "compare__arms__1__estimator"]:
+        del data["eval"]["num_inner_steps"]
+    with pytest.raises(UserError, match=message):
+        compare_config_from_dict(data)
+
+
+def test_arm_estimators_inherit_the_base_section_and_the_budget():
+    base, compare = compare_config_from_dict(_with(TINY))
+    tb, pes = compare.arms
+    assert tb.estimator.horizon == pes.estimator.horizon == 8  # from [estimator]
+    assert pes.estimator.sigma == base.estimator.sigma
+    assert [compare.num_outer_steps(a) for a in compare.arms] == [8, 4]
+    cfg = compare.run_config(pes, 0, 1)
+    assert (cfg.run.seed, cfg.run.num_outer_steps, cfg.eval.every) == (1, 4, 2)
+
+
+@pytest.mark.parametrize("name", ["quick.toml", "horizon.toml"])
+def test_shipped_configs_validate(name):
+    path = REPO / "configs" / "compare" / name
+    if not path.exists():
+        pytest.skip(f"{name} not shipped")
+    base, compare = compare_config_from_dict(load_toml(path))
+    assert len(compare.arms) >= 3 and base.task.dataset == "digits"
