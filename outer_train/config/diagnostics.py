@@ -151,9 +151,6 @@ ESTIMATOR_NAMES: tuple[str, ...] = (
     "full_bptt", "tbptt", "es", "truncated_es", "pes", "nres", "hybrid",
 )
 EstimatorName = Literal["full_bptt", "tbptt", "es", "truncated_es", "pes", "nres", "hybrid"]
-# Estimators whose mean is the gradient of the (smoothed) full-horizon meta-loss from a fresh
-# episode: the ones a reference may be the mean of.
-UNBIASED_REFERENCES: tuple[str, ...] = ("full_bptt", "es", "pes", "nres")
 # Knobs the [variance] section itself sets for every estimator (T loop, K rule).
 _SET_BY_SECTION: tuple[str, ...] = ("horizon", "trunc_length")
 
@@ -196,6 +193,8 @@ class VarianceConfig:
     ``confidence``: level of every interval (and of the bias test).
     ``draws_per_call``: draws vmapped in one jitted call (0 = auto: about 2048 particle inner
       steps per call, at least one per device).
+    ``fast_compile``: compile without XLA's backend optimizations (several times faster to
+      compile, a few times slower to run): for short runs that compilation dominates.
     """
 
     study: Literal["estimators", "perturbed_backprop"] = "estimators"
@@ -217,6 +216,7 @@ class VarianceConfig:
     direction: str = "paper"
     confidence: float = field(0.95, lo=0.5, hi=0.9999)
     draws_per_call: int = field(0, lo=0, hi=100_000_000)
+    fast_compile: bool = False
     seed: int = field(0, lo=0, hi=2**31 - 1)
 
     def __post_init__(self):
