@@ -60,6 +60,22 @@ def matmul_gflops(repeats: int = 5, steps: int = 8) -> float:
     return flops * steps / best / 1e9
 
 
+def best_seconds(fn, repeats: int) -> tuple[float, float]:
+    """(first call incl. compilation, best of ``repeats`` later calls) of ``fn()``, seconds;
+    every call is waited for (``jax.block_until_ready``)."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -15,8 +15,8 @@ compilation included, is reported too):
   * ``lyapunov_1``: the same with one tangent;
   * ``seed_dynamics``: the full per-seed call with Jacobian steps (0, 10, 100) and 30 power
     iterations each (top singular value and spectral radius);
-  * ``gradients``: ``gradient_norms`` at horizons (8, 32, --horizon) for ``--seeds`` seeds
-    (forward steps counted: seeds x horizon).
+  * ``gradients``: ``gradient_norms`` at horizons 8 and 32 (those below --horizon) and
+    --horizon, for ``--seeds`` seeds (forward steps counted: seeds x horizon).
 ``ratio`` = lyapunov / engine (like for like: one trajectory per call), ``ratio_one_tangent``
 the same with one tangent, ``tangent_cost_in_steps`` = (engine / lyapunov - engine /
 lyapunov_1) / (vectors - 1): one more tangent's products in plain inner steps;
@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from bench.common import configure_process, emit
+from bench.common import best_seconds, configure_process, emit
 
 PROCESS = configure_process()  # as learned-opt does; before JAX starts
 
@@ -42,19 +41,6 @@ from outer_train.diagnostics import dynamics
 from outer_train.problem import LearnedOptProblem
 from outer_train.unroll import evaluate_meta_loss
 from tasks.image_mlp import STANDARD_PRESET, preset
-
-
-def _best_seconds(fn, repeats: int) -> tuple[float, float]:
-    """(first call incl. compilation, best of ``repeats`` later calls), seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return first, best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     resets, steps, tangents, powers = dynamics.seed_keys(key, args.seeds, args.horizon,
                                                          "fixed_batch")
     engine = jax.jit(evaluate_meta_loss, static_argnames=("horizon", "num_tasks"))
-    horizons = tuple(sorted({8, 32, args.horizon}))
+    horizons = tuple(sorted({t for t in (8, 32) if t < args.horizon} | {args.horizon}))
 
     def seed(vectors: int, jacobian_steps: tuple[int, ...]):
         return lambda: dynamics.seed_dynamics(
@@ -97,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {}
     for name, (fn, num_steps) in runs.items():
-        first, best = _best_seconds(fn, args.repeats)
+        first, best = best_seconds(fn, args.repeats)
         results[name] = {"first_call_s": first, "best_s": best,
                          "inner_steps_per_s": num_steps / best}
         print(f"{name}: {num_steps / best:.1f} inner steps/s (first call {first:.1f} s)",

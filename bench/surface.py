@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from bench.common import configure_process, emit
+from bench.common import best_seconds, configure_process, emit
 
 PROCESS = configure_process()  # as learned-opt does; before JAX starts
 
@@ -34,19 +33,6 @@ from outer_train.diagnostics import surface
 from outer_train.problem import LearnedOptProblem
 from outer_train.unroll import evaluate_meta_loss, unroll_particles, window_keys
 from tasks.image_mlp import STANDARD_PRESET, preset
-
-
-def _best_seconds(fn, repeats: int) -> tuple[float, float]:
-    """(first call incl. compilation, best of ``repeats`` later calls), seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return first, best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.points * args.horizon
     results = {}
     for name, fn in runs.items():
-        first, best = _best_seconds(fn, args.repeats)
+        first, best = best_seconds(fn, args.repeats)
         results[name] = {"first_call_s": first, "best_s": best, "inner_steps_per_s": steps / best}
     rate = lambda name: results[name]["inner_steps_per_s"]
     emit({
