@@ -15,7 +15,8 @@ Shared conventions of the sections:
     that hyper-parameter). A name is checked against theta when the job starts.
   * ``seed``: the diagnostic's own keys (directions, episodes, perturbations), independent of
     ``run.seed`` (which seeds theta's init, as in meta-training).
-  * ``run.devices`` splits the work over devices as in meta-training (0 = all local devices).
+  * ``run.devices`` splits surface points and variance draws over devices as in meta-training
+    (0 = all local devices); dynamics runs on one device (one trajectory per seed).
 """
 
 from __future__ import annotations
