@@ -1,14 +1,16 @@
 """The ``learned-opt`` command line: one subcommand per job, one module per subcommand.
 
-Each subcommand module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
+Each subcommand module exposes ``HELP`` (one line), ``EXAMPLE`` (one command line that runs
+with the shipped configs, shown under ``--help``), ``add_arguments(parser)`` and
 ``run(args) -> int``. ``main`` first applies the process settings (``outer_train.runtime``:
 XLA's CPU flags, the allocator), which must precede JAX's start, and only then imports the
-subcommand modules (which import JAX).
+subcommand modules (which import JAX). ``learned-opt --version`` imports neither.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from outer_train import runtime
@@ -16,6 +18,18 @@ from outer_train import runtime
 # Subcommands whose work is split over devices (particles): on CPU they get one XLA device per
 # core (``runtime.xla_cpu.split_host_into_devices``).
 SPLIT_HOST: frozenset[str] = frozenset({"meta-train", "compare", "surface", "variance"})
+
+# The version when the package metadata is missing (run from a source tree, not installed);
+# a test checks it equals pyproject.toml's.
+FALLBACK_VERSION = "0.1.0"
+
+
+def version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else ``FALLBACK_VERSION``."""
+    try:
+        return importlib.metadata.version("learned-opt")
+    except importlib.metadata.PackageNotFoundError:
+        return FALLBACK_VERSION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="learned-opt",
         description="Meta-train learned optimizers and measure their meta-gradients.",
     )
+    parser.add_argument("--version", action="version", version=f"learned-opt {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = (("train", train), ("meta-train", meta_train), ("compare", compare),
                 ("eval", evaluate), ("surface", surface), ("dynamics", dynamics),
                 ("variance", variance))
     for name, module in commands:
-        sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        sp = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                            epilog="example:\n  " + module.EXAMPLE,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sp)
         sp.set_defaults(_run=module.run)
     return parser
@@ -48,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:  # without the process settings or JAX
+        print(f"learned-opt {version()}")
+        return 0
     selected = next((a for a in argv if not a.startswith("-")), None)
     try:  # before anything imports JAX
         runtime.configure(split_host=selected in SPLIT_HOST)

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 HELP = "compare outer estimators on one job at an equal budget (runs, report.md, results.csv)"
+EXAMPLE = "learned-opt compare configs/compare/quick.toml --out runs/compare_quick"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,10 @@ import argparse
 from outer_train.cli.common import add_job_arguments, load_job
 
 HELP = "Lyapunov exponent and Jacobian spectrum of inner training; backprop gradient growth"
+EXAMPLE = (
+    "learned-opt dynamics --config configs/diagnostics/dynamics_quick.toml "
+    "--out runs/dynamics_quick"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,10 @@ from pathlib import Path
 from learned_opt.errors import UserError
 
 HELP = "evaluate a saved learned optimizer against tuned Adam (curves and table)"
+EXAMPLE = (
+    "learned-opt eval --optimizer runs/quickstart/learned_optimizer.lopt "
+    "--task digits_mlp --steps 200"
+)
 DEFAULT_ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_STEPS = 200
 DEFAULT_SEEDS = 8

@@ -18,6 +18,10 @@ from pathlib import Path
 from learned_opt.errors import UserError
 
 HELP = "meta-train a learned optimizer from a TOML config (checkpoints, evaluation, report)"
+EXAMPLE = (
+    "learned-opt meta-train --config configs/nres.toml --set run.num_outer_steps=100 "
+    "--out runs/nres"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

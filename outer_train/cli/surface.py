@@ -16,6 +16,10 @@ import argparse
 from outer_train.cli.common import add_job_arguments, load_job
 
 HELP = "the meta-loss on a slice through theta vs unroll length: raw, smoothed, roughness"
+EXAMPLE = (
+    "learned-opt surface --config configs/diagnostics/surface_quick.toml "
+    "--out runs/surface_quick"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,10 @@ from tasks.image_mlp import PRESETS, STANDARD_PRESET, preset
 from tasks.train import SegmentedTrainer, check_schedule
 
 HELP = "train a task with a standard optax optimizer (baseline curves)"
+EXAMPLE = (
+    "learned-opt train --task digits_mlp --optimizer adam --lr 3e-3 --steps 2000 "
+    "--seeds 8 --out runs/train_adam"
+)
 
 # name -> (factory(learning_rate), default learning rate)
 OPTIMIZERS = {

@@ -15,6 +15,10 @@ import argparse
 from outer_train.cli.common import add_job_arguments, load_job
 
 HELP = "variance of each outer-gradient estimator vs unroll length (and the paper's Fig. 3b)"
+EXAMPLE = (
+    "learned-opt variance --config configs/diagnostics/variance_quick.toml "
+    "--out runs/variance_quick"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
