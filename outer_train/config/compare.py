@@ -16,7 +16,8 @@ A compare config is a meta-training config (``[task]``, ``[lopt]``, ``[problem]`
 
 The base ``[estimator]`` section holds knobs shared by the arms, without a ``name``. An arm's
 estimator starts from the shared keys that its estimator has (so ``horizon`` and ``num_tasks``
-are written once) and its own table overrides them; every key is checked like
+are written once; a shared ``sigma`` is the ES arms' noise, not full_bptt's smoothing) and its
+own table overrides them; every key is checked like
 ``[estimator]``, including the estimator's own knob checks, and named in messages as
 ``compare.arms[1].estimator.trunc_length``.
 
@@ -34,12 +35,15 @@ import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from learned_opt.errors import UserError
-from outer_train.config.files import apply_overrides, load_toml
+from outer_train.config.files import apply_overrides, load_toml, toml_value
 from outer_train.config.schema import EstimatorConfig, MetaTrainConfig, config_from_dict
 from outer_train.config.validate import field, from_mapping
+
+if TYPE_CHECKING:
+    from outer_train.config.diagnostics import VarianceConfig
 
 _LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
@@ -73,12 +77,30 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class CompareSection:
-    """``[compare]`` without its arms (see the module docstring for the budget formulas)."""
+    """``[compare]`` without its arms (see the module docstring for the budget formulas).
+
+    budget: "inner_steps" (``budget_inner_steps`` per run) or "seconds" (``budget_seconds`` of
+      outer steps per run, each arm's outer-step time measured over ``calibration_steps``).
+    estimator_stats: measure each arm's estimator at its final theta with the variance tool
+      (``stats_section``): ``stats_num_draws`` draws of ``stats_num_tasks`` particles each at
+      unroll length ``stats_horizon`` (0 = the arm's horizon), against ``stats_reference_draws``
+      fresh draws of ``stats_reference``.
+    """
 
     seeds: tuple[int, ...] = (0, 1)
-    budget: Literal["inner_steps"] = "inner_steps"
+    budget: Literal["inner_steps", "seconds"] = "inner_steps"
     budget_inner_steps: int = field(200_000, lo=1, hi=10**12, doc="inner steps per run")
+    budget_seconds: float = field(600.0, lo=0.0, hi=1e8, lo_open=True,
+                                  doc="seconds of outer steps per run")
+    calibration_steps: int = field(5, lo=2, hi=10_000,
+                                   doc="timed outer steps per arm (after one compiling step)")
     num_budget_points: int = field(5, lo=1, hi=1000)
+    estimator_stats: bool = True
+    stats_num_draws: int = field(8, lo=3, hi=1_000_000)
+    stats_num_tasks: int = field(1, lo=1, hi=4096)
+    stats_horizon: int = field(0, lo=0, hi=1_000_000, doc="0 = the arm's estimator.horizon")
+    stats_reference: Literal["full_bptt", "es", "pes", "nres", "none"] = "full_bptt"
+    stats_reference_draws: int = field(16, lo=2, hi=1_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +109,8 @@ class CompareConfig:
 
     section: CompareSection
     arms: tuple[Arm, ...]
+    # budget = "seconds": {label: seconds per outer step} measured by calibration (None before)
+    step_seconds: Mapping[str, float] | None = None
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -96,9 +120,38 @@ class CompareConfig:
         return inner_steps_per_outer_step(arm.configs[0])
 
     def num_outer_steps(self, arm: Arm) -> int:
-        """N = P * floor(floor(B / I) / P) (see the module docstring)."""
+        """N = P * floor(floor(B / I) / P) with B inner steps, or P * floor(floor(S / t) / P)
+        with S seconds and t the arm's measured seconds per outer step."""
         p = self.section.num_budget_points
+        if self.section.budget == "seconds":
+            if self.step_seconds is None or arm.label not in self.step_seconds:
+                raise ValueError(f"arm {arm.label!r}: budget = 'seconds' needs its calibration")
+            return p * (int(self.section.budget_seconds / self.step_seconds[arm.label]) // p)
         return p * (self.section.budget_inner_steps // self.inner_steps_per_outer_step(arm) // p)
+
+    def stats_section(self, arm: Arm) -> VarianceConfig:
+        """The variance study of ``arm``'s estimator with its knobs at one unroll length (see
+        ``CompareSection``): fresh draws, random inits and batches, shift 0."""
+        from outer_train.config.diagnostics import VarianceConfig
+
+        sec, est = self.section, arm.estimator
+        knobs = est.knobs()
+        set_here = {"horizon", "trunc_length", "num_tasks", "num_perturbations", "sigma",
+                    "staggered"}
+        overrides = tuple(f"{est.name}.{k}={toml_value(v)}" for k, v in sorted(knobs.items())
+                          if k not in set_here and v is not None)
+        sigma = knobs.get("sigma", 0.01)
+        return VarianceConfig(
+            study="estimators", estimators=(est.name,),
+            horizons=(sec.stats_horizon or knobs["horizon"],),
+            trunc_length=knobs.get("trunc_length", 0), num_draws=sec.stats_num_draws,
+            num_tasks=sec.stats_num_tasks, num_perturbations=knobs.get("num_perturbations", 1),
+            sigma=sigma if est.name != "full_bptt" else 0.01,
+            backprop_sigma=sigma if est.name == "full_bptt" else 0.0,
+            knob_overrides=overrides, start="fresh", mode="random",
+            reference=sec.stats_reference, reference_draws=sec.stats_reference_draws,
+            shifts=(0.0,), direction="paper", seed=0,
+        )
 
     def run_config(self, arm: Arm, rate_index: int, seed: int) -> MetaTrainConfig:
         """The meta-training config of one run: the arm's config at that rate, with
@@ -186,7 +239,9 @@ def _arm(i: int, data: Mapping[str, Any], rest: Mapping[str, Any],
         if k != "name" and k not in allowed:
             raise UserError(f"{key}.estimator.{k} is not a knob of estimator {name!r}; its "
                             f"knobs: {', '.join(allowed)}")
-    inherited = {k: v for k, v in rest.get("estimator", {}).items() if k in allowed}
+    # full_bptt's sigma is a smoothing, not the ES arms' noise: not inherited
+    inherited = {k: v for k, v in rest.get("estimator", {}).items()
+                 if k in allowed and not (name == "full_bptt" and k == "sigma")}
     merged = {**inherited, **est}
     rates = table.learning_rates or (base.meta_opt.learning_rate,)
     if any(not 0.0 < lr <= 10.0 for lr in rates) or len(set(rates)) < len(rates):
@@ -205,17 +260,26 @@ def _arm(i: int, data: Mapping[str, Any], rest: Mapping[str, Any],
 
 
 def _check_fair(compare: CompareConfig) -> None:
-    """Every arm: at least one outer step per budget point, the same held-out inner steps."""
+    """Every arm: at least one outer step per budget point (inner-step budget; a seconds
+    budget is checked after calibration), a valid statistics study, the same held-out inner
+    steps."""
     p = compare.section.num_budget_points
     for i, arm in enumerate(compare.arms):
         per_outer = compare.inner_steps_per_outer_step(arm)
-        if compare.num_outer_steps(arm) < p:
+        if compare.section.budget == "inner_steps" and compare.num_outer_steps(arm) < p:
             raise UserError(
                 f"compare.arms[{i}] ({arm.label!r}): one outer step takes {per_outer} inner "
                 f"steps, so compare.budget_inner_steps = {compare.section.budget_inner_steps} "
                 f"gives fewer than compare.num_budget_points = {p} outer steps: raise the "
                 f"budget to at least {per_outer * p} or lower num_budget_points"
             )
+    if compare.section.estimator_stats and compare.arms[0].configs[0].task.kind == "single":
+        for i, arm in enumerate(compare.arms):
+            try:
+                compare.stats_section(arm)
+            except UserError as e:
+                raise UserError(f"compare.arms[{i}] ({arm.label!r}): its estimator statistics "
+                                f"(compare.estimator_stats = true): {e}") from None
     steps = {arm.label: arm.configs[0].eval_inner_steps for arm in compare.arms}
     if len(set(steps.values())) > 1:
         raise UserError(

@@ -91,7 +91,9 @@ class EstimatorConfig:
     """The outer-gradient estimator (``outer_train.estimators.ESTIMATORS``) and its knobs.
 
     Each estimator has a subset of these knobs (``estimator_knobs(name)``); setting a knob the
-    chosen estimator does not have is an error. ``segment_length = 0`` means None:
+    chosen estimator does not have is an error. ``sigma`` is the ES noise scale (default
+    0.01); for full_bptt it is the smoothing of the reparameterization gradient, default 0
+    (plain backprop) when not set. ``segment_length = 0`` means None:
     backprop estimators pick the memory-optimal rematerialization segment (set it to the
     horizon to turn rematerialization off).
     """
@@ -274,6 +276,10 @@ def config_from_dict(data: Mapping[str, Any]) -> MetaTrainConfig:
     from outer_train.estimators import estimator_knobs
 
     name = config.estimator.name
+    if name == "full_bptt" and "sigma" not in data.get("estimator", {}):
+        # full_bptt's sigma is its smoothing, not ES noise: unset, it is plain backprop
+        config = dataclasses.replace(
+            config, estimator=dataclasses.replace(config.estimator, sigma=0.0))
     allowed = (*estimator_knobs(name), "name")
     for key in data.get("estimator", {}):
         if key not in allowed:

@@ -90,6 +90,15 @@ def test_bad_values_are_rejected_with_the_key_named(overrides, message):
     assert message in str(e.value)
 
 
+def test_full_bptt_sigma_unset_means_plain_backprop():
+    # full_bptt's sigma is a smoothing (reparameterization gradient), not ES noise: the ES
+    # default 0.01 must not turn "full backprop" into a smoothed estimator
+    assert load_config(None, ["estimator.name=full_bptt"]).estimator.knobs()["sigma"] == 0.0
+    smoothed = load_config(None, ["estimator.name=full_bptt", "estimator.sigma=0.02"])
+    assert smoothed.estimator.knobs()["sigma"] == 0.02
+    assert load_config(None, ["estimator.name=pes"]).estimator.sigma == 0.01
+
+
 def test_unknown_top_level_table(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[estimatr]\nname = 'pes'\n")
