@@ -22,7 +22,6 @@ Shared conventions of the sections:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,21 +29,17 @@ from typing import Any, Literal
 from learned_opt.errors import UserError
 from outer_train.config.files import apply_overrides, load_toml
 from outer_train.config.schema import MetaTrainConfig, config_from_dict
-from outer_train.config.validate import field, from_mapping
+from outer_train.config.validate import check_fields, field, from_mapping
 
 RANDOM_DIRECTIONS: tuple[str, ...] = ("paper", "per_tensor")
 Mode = Literal["fixed_batch", "common"]
+_DIRECTION = f"{' or '.join(map(repr, RANDOM_DIRECTIONS))} or the name of a scalar leaf of theta"
 
 
-def check_horizons(key: str, horizons: Sequence[int], *, hi: int = 1_000_000) -> None:
-    """Unroll lengths: a non-empty, strictly increasing list of ints in [1, hi]."""
-    ok = bool(horizons) and all(1 <= t <= hi for t in horizons)
-    ok = ok and all(a < b for a, b in itertools.pairwise(horizons))
-    if not ok:
-        raise UserError(
-            f"{key} = {list(horizons)}: expected a non-empty, increasing list of unroll lengths "
-            f"in [1, {hi}], e.g. [8, 32, 128]"
-        )
+def horizons_field(default: tuple[int, ...]):
+    """Unroll lengths: a non-empty, strictly increasing list of ints in [1, 1e6]."""
+    return field(default, lo=1, hi=1_000_000, min_len=1, increasing=True,
+                 doc="unroll lengths T, e.g. [8, 32, 128]")
 
 
 def check_direction(key: str, direction: str) -> None:
@@ -71,11 +66,13 @@ class SurfaceConfig:
     ``points_per_call``: points evaluated by one jitted call (0 = auto: about 64 episodes).
     """
 
-    directions: tuple[str, ...] = ("paper",)
+    directions: tuple[str, ...] = field(
+        ("paper",), min_len=1, max_len=2,
+        doc=f"one direction: a 1-D slice, two: a 2-D surface; each {_DIRECTION}")
     num_points: int = field(65, lo=2, hi=100_000)
     radius: float = field(0.01, lo=0.0, hi=1e6, lo_open=True)
     center: float = field(0.0, lo=-1e6, hi=1e6)
-    horizons: tuple[int, ...] = (8, 32, 128)
+    horizons: tuple[int, ...] = horizons_field((8, 32, 128))
     mode: Mode = "fixed_batch"
     num_smoothing: int = field(0, lo=0, hi=100_000)
     sigma: float = field(0.01, lo=0.0, hi=10.0, lo_open=True)
@@ -83,14 +80,9 @@ class SurfaceConfig:
     seed: int = field(0, lo=0, hi=2**31 - 1)
 
     def __post_init__(self):
-        if len(self.directions) not in (1, 2):
-            raise UserError(
-                f"surface.directions = {list(self.directions)}: expected one direction (a 1-D "
-                "slice) or two (a 2-D surface), e.g. ['paper'] or ['log_lr', 'log_one_minus_beta1']"
-            )
+        check_fields(self, "surface")
         for i, d in enumerate(self.directions):
             check_direction(f"surface.directions[{i}]", d)
-        check_horizons("surface.horizons", self.horizons)
         if len(self.directions) == 2 and self.num_smoothing > 0:
             raise UserError(
                 "surface.num_smoothing > 0 needs a 1-D slice (one direction); a 2-D surface is "
@@ -117,11 +109,12 @@ class DynamicsConfig:
 
     optimizer: Literal["lopt", "adam", "sgd", "momentum"] = "lopt"
     learning_rate: float = field(1e-3, lo=0.0, hi=100.0, lo_open=True)
-    direction: str = "paper"
+    direction: str = field("paper", doc=_DIRECTION)
     shift: float = field(0.0, lo=-1e6, hi=1e6)
-    horizons: tuple[int, ...] = (8, 32, 128, 512)
+    horizons: tuple[int, ...] = horizons_field((8, 32, 128, 512))
     mode: Mode = "fixed_batch"
-    jacobian_steps: tuple[int, ...] = (0, 10, 100)
+    jacobian_steps: tuple[int, ...] = field((0, 10, 100), lo=0, hi=999_999, increasing=True,
+                                            doc="each < max(dynamics.horizons); [] for none")
     power_iterations: int = field(30, lo=1, hi=10_000)
     num_vectors: int = field(4, lo=1, hi=1024)
     num_seeds: int = field(2, lo=1, hi=1024)
@@ -130,11 +123,10 @@ class DynamicsConfig:
     seed: int = field(0, lo=0, hi=2**31 - 1)
 
     def __post_init__(self):
+        check_fields(self, "dynamics")
         check_direction("dynamics.direction", self.direction)
-        check_horizons("dynamics.horizons", self.horizons)
         steps = self.jacobian_steps
-        in_range = all(0 <= s < self.horizons[-1] for s in steps)
-        if not in_range or any(a >= b for a, b in itertools.pairwise(steps)):
+        if any(s >= self.horizons[-1] for s in steps):
             raise UserError(
                 f"dynamics.jacobian_steps = {list(steps)}: expected an increasing list of steps "
                 f"in [0, max(dynamics.horizons)) = [0, {self.horizons[-1]}), e.g. [0, 10, 100] "
@@ -199,8 +191,9 @@ class VarianceConfig:
     """
 
     study: Literal["estimators", "perturbed_backprop"] = "estimators"
-    estimators: tuple[EstimatorName, ...] = ("full_bptt", "tbptt", "es", "pes", "nres")
-    horizons: tuple[int, ...] = (8, 32, 128)
+    estimators: tuple[EstimatorName, ...] = field(("full_bptt", "tbptt", "es", "pes", "nres"),
+                                                  distinct=True)
+    horizons: tuple[int, ...] = horizons_field((8, 32, 128))
     trunc_length: int = field(8, lo=0, hi=1_000_000, doc="0 = K equals T")
     num_draws: int = field(64, lo=3, hi=100_000_000)
     num_tasks: int = field(1, lo=1, hi=4096)
@@ -213,25 +206,19 @@ class VarianceConfig:
     mode: Literal["random", "fixed_batch"] = "random"
     reference: Literal["full_bptt", "es", "pes", "nres", "none"] = "full_bptt"
     reference_draws: int = field(256, lo=2, hi=100_000_000)
-    shifts: tuple[float, ...] = (0.0,)
-    direction: str = "paper"
+    shifts: tuple[float, ...] = field((0.0,), lo=-1e6, hi=1e6, min_len=1,
+                                      doc="theta = theta0 + shift * direction, e.g. [0.0, 0.005]")
+    direction: str = field("paper", doc=_DIRECTION)
     confidence: float = field(0.95, lo=0.5, hi=0.9999)
     draws_per_call: int = field(0, lo=0, hi=100_000_000)
     fast_compile: bool = False
     seed: int = field(0, lo=0, hi=2**31 - 1)
 
     def __post_init__(self):
+        check_fields(self, "variance")
         check_direction("variance.direction", self.direction)
-        check_horizons("variance.horizons", self.horizons)
-        if not self.shifts or any(abs(a) > 1e6 for a in self.shifts):
-            raise UserError(
-                f"variance.shifts = {list(self.shifts)}: expected a non-empty list of numbers "
-                "(theta = theta0 + shift * direction), e.g. [0.0, 0.005]"
-            )
         if self.study == "estimators" and not self.estimators:
             raise UserError("variance.estimators is empty: list at least one, e.g. ['nres']")
-        if len(set(self.estimators)) != len(self.estimators):
-            raise UserError(f"variance.estimators = {list(self.estimators)} lists one twice")
         if self.study == "perturbed_backprop":
             default = VarianceConfig.__dataclass_fields__
             for key in ("estimators", "backprop_sigma"):

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from learned_opt.errors import UserError
-from outer_train.config.validate import field, from_mapping
+from outer_train.config.validate import check_fields, field, from_mapping
 from tasks.errors import TaskError
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ class TaskConfig:
     dataset: str = "digits"
     image_size: Literal[0, 8, 16, 28, 32] = 0
     grayscale: bool = False
-    hidden_sizes: tuple[int, ...] = (32, 32)
+    hidden_sizes: tuple[int, ...] = field((32, 32), lo=1, hi=65536, min_len=1)
     activation: Literal["relu", "gelu", "tanh", "swish", "elu"] = "relu"
     batch_size: int = field(128, lo=1, hi=65536)
 
@@ -71,7 +71,7 @@ class LOptConfig:
     (LearnedSGD, ...). ``hidden_sizes`` applies to ``mlp_lopt`` only."""
 
     name: Literal["mlp_lopt", "learned_sgd", "learned_momentum", "learned_adam"] = "mlp_lopt"
-    hidden_sizes: tuple[int, ...] = (32, 32)
+    hidden_sizes: tuple[int, ...] = field((32, 32), lo=1, hi=65536, min_len=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,8 @@ class EvalConfig:
     num_heldout_tasks: int = field(2, lo=1, hi=256)
     num_inner_steps: int = field(0, lo=0, hi=1_000_000)
     curve_every: int = field(10, lo=1, hi=1_000_000)
-    adam_learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    adam_learning_rates: tuple[float, ...] = field((1e-3, 3e-3, 1e-2, 3e-2, 1e-1), lo=0.0,
+                                                   hi=10.0, lo_open=True, min_len=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +189,8 @@ class MetaTrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self):
+        for section in dataclasses.fields(self):  # what each key's ``field`` allows
+            check_fields(getattr(self, section.name), section.name)
         try:  # the estimator's own knob checks (e.g. horizon >= trunc_length)
             _validate_knobs(self.estimator.name, self.estimator.knobs())
         except UserError as e:
@@ -197,19 +200,6 @@ class MetaTrainConfig:
                 self.make_family()
             except (UserError, TaskError) as e:
                 raise UserError(f"[family] {e}") from None
-        for key, sizes in (("task.hidden_sizes", self.task.hidden_sizes),
-                           ("lopt.hidden_sizes", self.lopt.hidden_sizes)):
-            if not sizes or any(s < 1 or s > 65536 for s in sizes):
-                raise UserError(
-                    f"{key} = {list(sizes)}: expected a non-empty list of integers in "
-                    "[1, 65536], e.g. [32, 32]"
-                )
-        lrs = self.eval.adam_learning_rates
-        if not lrs or any(not (0.0 < lr <= 10.0) for lr in lrs):
-            raise UserError(
-                f"eval.adam_learning_rates = {list(lrs)}: expected a non-empty list of learning "
-                "rates in (0, 10], e.g. [1e-3, 3e-3, 1e-2]"
-            )
 
     # -- derived --------------------------------------------------------------------------
 
