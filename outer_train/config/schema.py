@@ -50,15 +50,17 @@ class FamilyConfig:
 
     ``num_train_tasks`` variants are sampled on the host at start (one estimator per variant,
     meta-gradients averaged with equal weights); held-out variants (``heldout_pairs`` of
-    [width, activation]) are never trained on and are used for evaluation.
+    [width, activation]) are never trained on and are used for evaluation. Every held-out
+    pair must lie in ``widths`` x ``activations`` and leave variants to train on (checked by
+    ``ImageMLPFamily`` when ``task.kind = "family"``).
     """
 
-    widths: tuple[int, ...] = (16, 32, 64)
-    depths: tuple[int, ...] = (1, 2, 3)
-    activations: tuple[Literal["relu", "gelu", "tanh", "swish", "elu"], ...] = (
-        "relu", "gelu", "tanh", "swish",
+    widths: tuple[int, ...] = field((16, 32, 64), lo=1, min_len=1)
+    depths: tuple[int, ...] = field((1, 2, 3), lo=1, min_len=1)
+    activations: tuple[Literal["relu", "gelu", "tanh", "swish", "elu"], ...] = field(
+        ("relu", "gelu", "tanh", "swish"), min_len=1,
     )
-    batch_sizes: tuple[int, ...] = (64, 128)
+    batch_sizes: tuple[int, ...] = field((64, 128), lo=1, min_len=1)
     heldout_pairs: tuple[tuple[int, str], ...] = ((16, "gelu"), (32, "tanh"), (64, "swish"))
     num_train_tasks: int = field(4, lo=1, hi=64)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import typing
 from collections.abc import Mapping, Sequence
@@ -72,8 +73,9 @@ def list_rules(meta: Mapping[str, Any]) -> list[str]:
         rules.append("increasing")
     elif meta.get("distinct"):
         rules.append("distinct items")
-    if interval_text(meta):
-        rules.append(f"items in {interval_text(meta)}")
+    interval = interval_text(meta)
+    if interval:
+        rules.append(f"items {'' if interval[0] in '<>' else 'in '}{interval}")
     return rules
 
 
@@ -81,8 +83,8 @@ def allowed_text(tp: Any, meta: Mapping[str, Any]) -> str:
     """What a field of annotation ``tp`` allows beyond its type, in words: the annotation's
     choices and the field's ``meta``; "" when any value of the type will do."""
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        return ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Literal:  # as TOML writes them
+        return ", ".join(json.dumps(a) for a in typing.get_args(tp))
     if origin is tuple:
         args = typing.get_args(tp)
         rules = list_rules(meta)
