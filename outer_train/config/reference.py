@@ -116,23 +116,34 @@ def section_markdown(section: Section) -> str:
 
 
 def knob_table() -> str:
-    """Which ``[estimator]`` keys each estimator takes (``estimators.estimator_knobs``)."""
-    from outer_train.estimators import ESTIMATORS, estimator_knobs
+    """Which ``[estimator]`` keys each estimator takes, with the estimator's own default
+    (``estimators.estimator_knobs`` and the estimator dataclass's fields)."""
+    from outer_train.estimators import ESTIMATORS
 
     knobs = [f.name for f in dataclasses.fields(schema.EstimatorConfig) if f.name != "name"]
+    defaults = {name: {f.name: f.default for f in dataclasses.fields(cls) if f.name != "problem"}
+                for name, cls in ESTIMATORS.items()}
     lines = [
         "### Knobs per estimator",
         "",
         "`[estimator]` keys other than `name` are knobs; setting one that the chosen estimator "
-        "does not have is an error (`outer_train.estimators.estimator_knobs`).",
+        "does not have is an error (`outer_train.estimators.estimator_knobs`). A cell gives the "
+        "estimator's own default, which `make_estimator(name, problem)` uses for a knob not "
+        "passed; an empty cell: not a knob of that estimator. Through a config every knob takes "
+        "the `[estimator]` value above (its default where not set; full_bptt's `sigma`: 0 "
+        "unless set).",
         "",
         "| knob | " + " | ".join(f"`{n}`" for n in ESTIMATORS) + " |",
         "| --- |" + " --- |" * len(ESTIMATORS),
     ]
     for k in knobs:
-        marks = ("yes" if k in estimator_knobs(n) else "" for n in ESTIMATORS)
-        lines.append(f"| `{k}` | " + " | ".join(marks) + " |")
+        cells = (_knob_default(defaults[n][k]) if k in defaults[n] else "" for n in ESTIMATORS)
+        lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _knob_default(value: Any) -> str:
+    return "`None`" if value is None else f"`{_default_text(value)}`"
 
 
 HEADER = """# Config reference
