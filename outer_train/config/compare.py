@@ -58,7 +58,7 @@ class ArmTable:
     """
 
     label: str = ""
-    learning_rates: tuple[float, ...] = ()
+    learning_rates: tuple[float, ...] = field((), lo=0.0, hi=10.0, lo_open=True, distinct=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ class CompareSection:
       fresh draws of ``stats_reference``.
     """
 
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = field((0, 1), lo=0, hi=2**31 - 1, min_len=1, distinct=True)
     budget: Literal["inner_steps", "seconds"] = "inner_steps"
     budget_inner_steps: int = field(200_000, lo=1, hi=10**12, doc="inner steps per run")
     budget_seconds: float = field(600.0, lo=0.0, hi=1e8, lo_open=True,
