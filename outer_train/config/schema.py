@@ -154,8 +154,10 @@ class RunConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation: train held-out tasks/seeds with the learned optimizer and with Adam
-    at the best learning rate of ``adam_learning_rates`` (chosen by mean final validation loss
-    on the same held-out tasks, which favours Adam), ``num_inner_steps`` steps each.
+    at the best learning rate of ``adam_learning_rates`` (the lowest mean meta-objective on the
+    same held-out tasks and seeds, which favours Adam: the mean training-batch loss over the run
+    for ``problem.meta_loss = "train"``, the mean validation loss over the curve for
+    ``"valid"``; ``outer_train.evaluation``), ``num_inner_steps`` steps each.
     ``num_inner_steps = 0`` means the estimator's horizon. ``every = 0`` evaluates only at the
     start and at the end."""
 
