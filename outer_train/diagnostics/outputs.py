@@ -82,6 +82,16 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(jsonable(data), indent=1) + "\n")
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object written by ``write_json``; {} for a missing or unreadable file (the
+    writes are atomic, so a partial file only comes from outside)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
     """A CSV with a header row; floats written with repr precision, NaN as "nan"."""
     buffer = io.StringIO()

@@ -149,27 +149,27 @@ def _shifted(theta: Theta, direction: Theta, a: float) -> Theta:
     return jax.tree.map(lambda t, d: (t + a * d).astype(jnp.result_type(t)), theta, direction)
 
 
-class _Programs:
-    """The study's draw programs, one per (estimator, knobs, W): the reference and a measured
-    estimator with the same knobs share one compiled program (a program that keeps per-window
-    estimates serves a caller that does not need them)."""
+class DrawPrograms:
+    """Compiled draw programs on one problem and mesh, one per (estimator, knobs, W, chunk
+    size, fast_compile): the reference and a measured estimator with the same knobs share one
+    program (a program that keeps per-window estimates serves a caller that does not need
+    them), and so do studies that pass the same ``DrawPrograms`` to ``run_variance``."""
 
-    def __init__(self, problem, section: VarianceConfig, mesh: Mesh | None):
-        self.problem, self.section, self.mesh = problem, section, mesh
+    def __init__(self, problem, mesh: Mesh | None):
+        self.problem, self.mesh = problem, mesh
         self._programs: dict = {}
 
-    def get(self, name: str, horizon: int, num_draws: int, *, reference: bool = False,
-            per_window: bool = False) -> DrawProgram:
-        knobs = self.section.knobs(name, horizon, reference=reference)
-        windows = self.section.num_windows(name, horizon)
-        cache_key = (name, tuple(sorted(knobs.items())), windows)
+    def get(self, section: VarianceConfig, name: str, horizon: int, num_draws: int, *,
+            reference: bool = False, per_window: bool = False) -> DrawProgram:
+        knobs = section.knobs(name, horizon, reference=reference)
+        windows = section.num_windows(name, horizon)
+        est = make_estimator(name, self.problem, **knobs)
+        size = auto_chunk_size(est, num_draws, section.draws_per_call)
+        cache_key = (name, tuple(sorted(knobs.items())), windows, size, section.fast_compile)
         program = self._programs.get(cache_key)
         if program is None or (per_window and not program.per_window):
-            est = make_estimator(name, self.problem, **knobs)
-            size = auto_chunk_size(est, num_draws, self.section.draws_per_call)
             program = DrawProgram(est, num_windows=windows, chunk_size=size, mesh=self.mesh,
-                                  per_window=per_window,
-                                  fast_compile=self.section.fast_compile)
+                                  per_window=per_window, fast_compile=section.fast_compile)
             self._programs[cache_key] = program
         return program
 
@@ -195,7 +195,7 @@ def reference_gradient(
         return Reference("none", shift, horizon, None, None, 0, 0, 0.0)
     num = reference_draw_count(section)
     if program is None:
-        program = _Programs(problem, section, mesh).get(name, horizon, num, reference=True)
+        program = DrawPrograms(problem, mesh).get(section, name, horizon, num, reference=True)
     draws = program.run(theta, key, num, on_chunk=on_chunk)
     good = draws.grads[draws.finite].astype(np.float64)
     n = good.shape[0]
@@ -229,6 +229,7 @@ def run_variance(
     *,
     mesh: Mesh | None = None,
     on_draws: Callable[[int], None] | None = None,
+    programs: DrawPrograms | None = None,
 ) -> VarianceResult:
     """The study of ``section`` on ``problem`` at theta0 + a ``direction`` for a in
     ``section.shifts`` (``direction`` may be None when every shift is 0).
@@ -237,7 +238,8 @@ def run_variance(
     ``fold_in(fold_in(draws, T), j)`` and its start state ``fold_in(fold_in(start, T), j)`` at
     every shift; the reference at T ``fold_in(reference, T)``; ``fixed_batch`` the frozen
     init and batch of mode = "fixed_batch". on_draws: called with the number of draws just
-    finished (for a progress bar).
+    finished (for a progress bar). programs: compiled programs to reuse (on this problem
+    and mesh; not with mode = "fixed_batch", whose problem is the study's own).
     """
     t_start = time.perf_counter()
     keys = study_keys(section.seed)
@@ -248,7 +250,8 @@ def run_variance(
     thetas = [theta0 if a == 0 else _shifted(theta0, direction, a) for a in section.shifts]
     num_params = sum(np.size(x) for x in jax.tree.leaves(theta0))
     progress = _Progress(on_draws)
-    programs = _Programs(problem, section, mesh)
+    if programs is None or section.mode == "fixed_batch":
+        programs = DrawPrograms(problem, mesh)
     measurements, references = [], []
     for t in section.horizons:
         measured = []  # built first, so that the reference can reuse one of them
@@ -256,11 +259,12 @@ def run_variance(
             windows = section.num_windows(name, t)
             window_bytes = section.num_draws * windows * num_params * 4
             per_window = windows > 1 and window_bytes <= WINDOW_DRAWS_BYTES
-            measured.append(programs.get(name, t, section.num_draws, per_window=per_window))
+            measured.append(programs.get(section, name, t, section.num_draws,
+                                         per_window=per_window))
         ref_program = None
         if section.reference != "none":
-            ref_program = programs.get(section.reference, t, reference_draw_count(section),
-                                       reference=True)
+            ref_program = programs.get(section, section.reference, t,
+                                       reference_draw_count(section), reference=True)
         refs = [
             reference_gradient(problem, th, t, section, _fold(keys.reference, t), shift=a,
                                program=ref_program, on_chunk=progress.callback())

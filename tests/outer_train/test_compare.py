@@ -5,8 +5,10 @@ not stop the others, and config errors named by their key."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,7 @@ def test_outputs_and_numbers_match_the_run_directories(cli_run):
     report = (cli_run / "report.md").read_text()
     assert f"{mean:.4f} ± {sem:.4f}" in report
     assert "one after another" in report and "## Recommendation" in report
+    assert "On final valid loss the lowest was" in report
     summary = json.loads((cli_run / "results.json").read_text())
     assert [a["label"] for a in summary["arms"]] == ["tbptt", "pes"]
 
@@ -186,7 +189,6 @@ def test_a_failing_arm_does_not_stop_the_others(cli_run, tiny_file, monkeypatch)
 
 
 def _with(data_text: str, **edits) -> dict:
-    import tomllib
 
     data = tomllib.loads(data_text)
     for path, value in edits.items():
@@ -209,7 +211,9 @@ def _with(data_text: str, **edits) -> dict:
     ({"compare__arms__1__learning_rates": [0.0]}, r"compare\.arms\[1\]\.learning_rates"),
     ({"compare__arms__1__lr": 0.1}, r"compare\.arms\[1\]\.lr"),
     ({"compare__seeds": []}, r"compare\.seeds"),
-    ({"compare__budget": "seconds"}, r"compare\.budget = 'seconds'"),
+    ({"compare__budget": "minutes"}, r"compare\.budget = 'minutes'"),
+    ({"compare__stats_horizon": 6}, r"compare\.arms\[0\] \('tbptt'\): its estimator statistics.*"
+     r"T = 6 is not a multiple"),
     ({"compare__budget_inner_steps": 16}, r"compare\.budget_inner_steps = 16 .*at least 32"),
     ({"compare__num_budget_pts": 2}, r"compare\.num_budget_pts"),
     ({"compare__arms": []}, r"compare\.arms is empty"),
@@ -223,6 +227,92 @@ def test_config_errors_name_the_key(edits, message):
         del data["eval"]["num_inner_steps"]
     with pytest.raises(UserError, match=message):
         compare_config_from_dict(data)
+
+
+@pytest.mark.slow
+def test_estimator_statistics_are_the_variance_tools_at_the_final_theta(cli_run, tmp_path):
+    """The report's statistics of an arm equal `learned-opt variance` run by hand on the same
+    settings at that arm's final .lopt (the compare plumbing adds nothing of its own)."""
+    summary = json.loads((cli_run / "results.json").read_text())
+    stats = {s["label"]: s for s in summary["estimator_stats"]}
+    assert set(stats) == {"tbptt", "pes"}
+    pes = stats["pes"]
+    assert pes["seed"] == 0 and pes["reason"] == ""
+    assert pes["row"]["horizon"] == 8 and pes["row"]["num_windows"] == 2  # T = 8, K = 4
+    assert 0 < pes["row"]["normalized_variance"] < math.inf
+    cached = json.loads((cli_run / "pes/seed0/estimator_stats.json").read_text())
+    assert cached["measurement"] == pes["row"]
+    report = (cli_run / "report.md").read_text()
+    assert "## Estimator statistics at each arm's final theta" in report
+    # By hand: the [variance] section compare used, on the run's own config and .lopt.
+    data = tomllib.loads((cli_run / "pes/seed0/config.toml").read_text())
+    _, compare = compare_config_from_dict(_with(TINY))
+    section = compare.stats_section(compare.arms[1])
+    data["variance"] = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in dataclasses.asdict(section).items()}
+    config = tmp_path / "variance.toml"
+    config.write_text(to_toml_document(data))
+    out = tmp_path / "variance"
+    assert main(["variance", "--config", str(config), "--optimizer",
+                 str(cli_run / "pes/seed0/learned_optimizer.lopt"), "--out", str(out),
+                 "--no-progress"]) == 0
+    (row,) = _csv(out / "variance.csv")
+    for key in ("normalized_variance", "cosine", "total_variance", "relative_variance"):
+        assert float(row[key]) == pytest.approx(pes["row"][key], rel=1e-5), key
+
+
+def to_toml_document(data: dict) -> str:
+    """A nested dict of tables as TOML (the test writes a [variance] config by hand)."""
+    from outer_train.config.files import toml_value
+
+    lines = []
+    for name, table in data.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_a_seconds_budget_is_calibrated_once_and_reused(tmp_path, monkeypatch):
+    data = _with(TINY, compare__budget="seconds", compare__budget_seconds=1000.0,
+                 compare__calibration_steps=2)
+    _, compare = compare_config_from_dict(data)
+    calls = []
+    real = compare_mod.meta_train
+
+    def counting(config, out_dir, **kw):
+        calls.append(Path(out_dir).relative_to(tmp_path).as_posix())
+        return real(config, out_dir, **kw)
+
+    monkeypatch.setattr(compare_mod, "meta_train", counting)
+    calibrated, plan = compare_mod.calibrate(compare, tmp_path, log=lambda s: None)
+    assert calls == ["tbptt/calibration", "pes/calibration"]
+    for arm in calibrated.arms:
+        t = plan["arms"][arm.label]["seconds_per_outer_step"]
+        assert t == calibrated.step_seconds[arm.label] > 0
+        n = calibrated.num_outer_steps(arm)
+        assert n == 2 * (int(1000.0 / t) // 2) >= 2  # P floor(floor(S / t) / P)
+        cfg = calibrated.run_config(arm, 0, 1)
+        assert (cfg.run.num_outer_steps, cfg.eval.every) == (n, n // 2)
+        records = read_records(tmp_path / arm.label / "calibration/metrics.jsonl", "train")
+        assert [r["outer_step"] for r in records] == [1, 2, 3]  # 1 compiling + 2 timed
+    # Reused on resume: no new probe, the same outer steps.
+    again, _ = compare_mod.calibrate(compare, tmp_path, log=lambda s: None)
+    assert len(calls) == 2 and again.step_seconds == calibrated.step_seconds
+    # A budget too small for one outer step per budget point is refused, naming the fix.
+    small = dataclasses.replace(compare, section=dataclasses.replace(
+        compare.section, budget_seconds=1e-9))
+    with pytest.raises(UserError, match=r"compare\.budget_seconds = 1e-09 gives fewer than"):
+        compare_mod.calibrate(small, tmp_path, log=lambda s: None)
+
+
+def test_full_bptt_arms_do_not_inherit_the_es_sigma():
+    data = _with(TINY, estimator__sigma=0.02)
+    data["compare"]["arms"].append({"label": "bptt", "estimator": {"name": "full_bptt"}})
+    _, compare = compare_config_from_dict(data)
+    pes, bptt = compare.arms[1], compare.arms[2]
+    assert pes.estimator.sigma == 0.02
+    assert bptt.estimator.knobs()["sigma"] == 0.0  # plain backprop, not a smoothed one
 
 
 def test_arm_estimators_inherit_the_base_section_and_the_budget():
