@@ -59,15 +59,24 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *,
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Reads a TOML file; a missing or malformed file raises ``UserError``."""
+    """Reads a TOML file; a file that is missing, unreadable or not UTF-8 TOML text raises
+    ``UserError``."""
     path = Path(path)
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"config file {str(path)!r} not found; see configs/ for examples") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {str(path)!r} is a folder; give a .toml file, e.g. "
+                        "configs/default.toml") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): a TOML "
+                        "file must be UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"config file {str(path)!r} cannot be read ({e.strerror})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MetaTrainConfig:

@@ -104,7 +104,8 @@ class EstimatorConfig:
     num_tasks: int = field(8, lo=1, hi=4096, doc="inner problems (groups) per estimate")
     num_perturbations: int = field(1, lo=1, hi=4096, doc="antithetic pairs per task")
     trunc_length: int = field(10, lo=1, hi=100_000, doc="inner steps K per outer step")
-    horizon: int = field(200, lo=1, hi=1_000_000, doc="inner steps T per inner problem")
+    horizon: int | tuple[int, int] = field(200, lo=1, hi=1_000_000,
+                                           doc="inner steps T per inner problem")
     sigma: float = field(0.01, lo=0.0, hi=10.0, doc="ES noise scale")
     loss_shaping: Literal["none", "sign", "clip"] = "none"
     shaping_scale: float = field(1.0, lo=0.0, hi=1e9, lo_open=True)
@@ -158,8 +159,8 @@ class EvalConfig:
     same held-out tasks and seeds, which favours Adam: the mean training-batch loss over the run
     for ``problem.meta_loss = "train"``, the mean validation loss over the curve for
     ``"valid"``; ``outer_train.evaluation``), ``num_inner_steps`` steps each.
-    ``num_inner_steps = 0`` means the estimator's horizon. ``every = 0`` evaluates only at the
-    start and at the end."""
+    ``num_inner_steps = 0`` means the estimator's horizon (T_max of a range). ``every = 0``
+    evaluates only at the start and at the end."""
 
     every: int = field(250, lo=0, hi=10_000_000)
     num_seeds: int = field(8, lo=1, hi=1024)
@@ -238,8 +239,11 @@ class MetaTrainConfig:
 
     @property
     def eval_inner_steps(self) -> int:
-        """Inner steps of each held-out training run (defaults to the meta-training horizon)."""
-        return self.eval.num_inner_steps or self.estimator.horizon
+        """Inner steps of each held-out training run (defaults to the meta-training horizon, the
+        longest of a range)."""
+        horizon = self.estimator.horizon
+        return self.eval.num_inner_steps or (max(horizon) if isinstance(horizon, tuple)
+                                             else horizon)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain TOML/JSON-able data (tuples become lists)."""
@@ -253,12 +257,29 @@ class MetaTrainConfig:
         the same theta; anything else differing makes a checkpoint incompatible.
         """
         d = self.to_dict()
-        keep = {k: d[k] for k in ("task", "family", "lopt", "problem", "estimator", "meta_opt")}
-        keep["seed"] = d["run"]["seed"]
-        keep["max_skipped_in_a_row"] = d["run"]["max_skipped_in_a_row"]
+        keep = {k: d[k] for k in _TRAJECTORY_SECTIONS}
+        keep.update({k: d["run"][k] for k in _TRAJECTORY_RUN_KEYS})
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def trajectory_changes(self, saved: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(dotted key, value in ``saved``, value here) for every key that ``trajectory_hash``
+        covers and that differs between ``saved`` (a ``to_dict()``, e.g. the config in a
+        checkpoint's header) and this config; a key missing from ``saved`` reads None."""
+        d = self.to_dict()
+        keys = [(s, k) for s in _TRAJECTORY_SECTIONS for k in d[s]]
+        keys += [("run", k) for k in _TRAJECTORY_RUN_KEYS]
+        changes = []
+        for section, key in keys:
+            table = saved.get(section)
+            old = table.get(key) if isinstance(table, Mapping) else None
+            if old != d[section][key]:
+                changes.append((f"{section}.{key}", old, d[section][key]))
+        return changes
+
+
+_TRAJECTORY_SECTIONS = ("task", "family", "lopt", "problem", "estimator", "meta_opt")
+_TRAJECTORY_RUN_KEYS = ("seed", "max_skipped_in_a_row")
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetaTrainConfig))
 

@@ -7,7 +7,8 @@ problem raises ``UserError`` naming the dotted key, the value and what is allowe
 
 Supported annotations: ``bool``, ``int``, ``float`` (an int is accepted and converted; NaN and
 inf are not), ``str``, ``Literal[...]``, ``tuple[X, ...]`` and ``tuple[X, Y]`` (from TOML
-lists), and nested dataclasses (from TOML tables). Nothing here knows the meta-training schema.
+lists), unions ``X | Y`` (the first alternative that fits), and nested dataclasses (from TOML
+tables). Nothing here knows the meta-training schema.
 
 What a key allows beyond its type is declared once, with ``field`` (an interval, list lengths,
 increasing or distinct items), and read from there by the checks (``from_mapping``,
@@ -21,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -128,6 +130,8 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
@@ -150,6 +154,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Checks ``value`` against the annotation ``tp``; returns it in the field's Python type."""
     origin = typing.get_origin(tp)
     bad = UserError(f"{key} = {value!r}: expected {_describe(tp)}")
+    if origin in (types.UnionType, typing.Union):
+        for alternative in typing.get_args(tp):
+            try:
+                return _coerce(key, value, alternative)
+            except UserError:
+                continue
+        raise bad
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool):
             raise bad
