@@ -9,7 +9,8 @@ It is readable with numpy and json alone. ``load`` rebuilds the optimizer from t
 returns a ready optax transformation; it needs no project config or training code. Any bad
 file (wrong kind, truncated, corrupt, newer format, weights that do not fit the architecture)
 raises ``UserError`` naming the problem, before JAX sees the data. Writes are atomic (a temp
-file in the same directory, fsync, ``os.replace``), so a crash never leaves a half file.
+file in the same directory, fsync, ``os.replace``), so a crash never leaves a half file, and
+the file gets the permissions a plain ``open`` gives (readable by others under the usual umask).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ FORMAT_VERSION = 1
 _HEADER = "header.json"
 _THETA_DIR = "theta/"
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class LoadedOptimizer(NamedTuple):
@@ -151,6 +157,7 @@ def save(path: str | os.PathLike, optimizer: LearnedOptimizer, theta: Theta) -> 
                     archive.writestr(f"{_THETA_DIR}{p}.npy", buffer.getvalue())
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open would: mkstemp's are owner-only
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -28,8 +28,10 @@ def add_job_arguments(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def load_job(args: argparse.Namespace, name: str):
-    """(job, output directory) of the parsed arguments; the config is validated (and the
-    optimizer file read) before any compute."""
+    """(job, output directory) of the parsed arguments; the config is validated, the optimizer
+    file read and the output folder checked and created (``run_dir.prepare``) before any
+    compute."""
+    from outer_train import run_dir
     from outer_train.config.diagnostics import load_diagnostic_config
     from outer_train.diagnostics.job import prepare
     from outer_train.diagnostics.outputs import command_line
@@ -38,6 +40,5 @@ def load_job(args: argparse.Namespace, name: str):
     job = prepare(name, config, section, args.optimizer,
                   command=command_line(getattr(args, "argv", None)))
     tag = args.optimizer.stem if args.optimizer is not None else config.lopt.name
-    out = args.out or Path("runs") / f"{name}_{tag}_seed{section.seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir.prepare(args.out or Path("runs") / f"{name}_{tag}_seed{section.seed}")
     return job, out

@@ -8,7 +8,8 @@ meta-training config (``--config``: its task, or its family's held-out variants;
 and ``--seeds`` then default to its evaluation settings). Each task is trained from ``--seeds``
 seeds with the learned optimizer and with Adam at every learning rate of ``--adam-lrs``; Adam's
 rate is chosen by the mean training-batch loss over the run on these same tasks and seeds
-(favouring Adam). Writes heldout_curves.png/.json and summary.md to ``--out``.
+(favouring Adam). Writes heldout_curves.png/.json and summary.md to ``--out``, which is checked
+and claimed (``outer_train.run_dir``: one process at a time) before any compute.
 """
 
 from __future__ import annotations
@@ -81,8 +82,17 @@ def _tasks(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.optimizer.exists():
-        raise UserError(f"optimizer file {str(args.optimizer)!r} not found")
+    from outer_train import run_dir
+
+    if not args.optimizer.is_file():
+        what = "is a folder" if args.optimizer.is_dir() else "not found"
+        raise UserError(f"optimizer file {str(args.optimizer)!r} {what}")
+    out = args.out or Path("runs") / f"eval_{args.optimizer.stem}"
+    with run_dir.claim(out):  # before any compute: a bad --out must not cost the results
+        return _evaluate(args, out)
+
+
+def _evaluate(args: argparse.Namespace, out: Path) -> int:
     tasks, default_steps, default_seeds = _tasks(args)
     steps = args.steps or default_steps
     seeds = args.seeds or default_seeds
@@ -106,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = evaluator.evaluate(loaded.theta, outer_step=-1)
     results = evaluator.final_results()
-    out = args.out or Path("runs") / f"eval_{args.optimizer.stem}"
     path = report.write_eval_report(
         out, results, optimizer_file=str(args.optimizer), objective="mean train-batch loss",
     )

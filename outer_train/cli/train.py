@@ -4,6 +4,8 @@ Prints a summary table (final train / valid / test loss and accuracy per seed), 
 ``curves.json``, ``curves.csv`` and ``curves.png`` to ``--out``, and shows a tqdm progress bar
 (on a terminal). Training runs in a few equal jitted segments so the bar moves
 (``tasks.train.SegmentedTrainer``); the result equals one unsegmented ``tasks.train.train`` call.
+``--out`` is checked and claimed (``outer_train.run_dir``: one process at a time) before any
+compute.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import optax
 
 from learned_opt.errors import UserError
+from outer_train import run_dir
 from tasks.image_mlp import PRESETS, STANDARD_PRESET, preset
 from tasks.train import SegmentedTrainer, check_schedule
 
@@ -69,18 +72,23 @@ def default_eval_every(num_steps: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     if args.steps < 1 or args.seeds < 1:
         raise UserError("--steps and --seeds must be positive")
     eval_every = args.eval_every or default_eval_every(args.steps)
     check_schedule(args.steps, eval_every)
+    out = args.out or Path("runs") / f"train_{args.task}"
+    with run_dir.claim(out):  # before any compute: a bad --out must not cost the results
+        return _train(args, eval_every, out)
+
+
+def _train(args: argparse.Namespace, eval_every: int, out: Path) -> int:
+    from tqdm import tqdm
+
     factory, default_lr = OPTIMIZERS[args.optimizer]
     lr = default_lr if args.lr is None else args.lr
     optimizer = factory(lr)
     task = preset(args.task, data_dir=args.data_dir, manual_dir=args.manual_dir,
                   download=args.download)
-    out = args.out or Path("runs") / f"train_{args.task}"
 
     keys = jax.random.split(jax.random.key(args.seed), args.seeds)
     trainer = SegmentedTrainer(optimizer, args.steps, eval_every=eval_every)
@@ -94,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
     test = jax.tree.map(np.asarray, test_eval(task, result.params))
     seconds = time.perf_counter() - start
 
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "task": args.task,
         "task_name": task.name,
