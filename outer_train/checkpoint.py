@@ -13,13 +13,17 @@ bit for bit; typed PRNG keys are stored as their key data and re-wrapped on load
 dtype must match, otherwise the checkpoint is reported as incompatible.
 
 Writes go to a temporary file in the same directory followed by ``os.replace`` (atomic on POSIX),
-so a killed run never leaves a half-written checkpoint under a checkpoint name. Only the newest
-``keep`` checkpoints are kept. ``restore_latest`` falls back to the newest *valid* checkpoint and
-reports every file it skipped and why.
+so a killed run never leaves a half-written checkpoint under a checkpoint name (only a
+``.tmp_ckpt_*`` file, ``TEMP_PATTERN``, for the next run to remove); a failed write (a full disk)
+raises ``CheckpointError`` and leaves the earlier checkpoints as they were. Files get the
+permissions a plain ``open`` gives. Only the newest ``keep`` checkpoints are kept.
+``restore_latest`` falls back to the newest *valid* checkpoint and reports every file it skipped
+and why.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,10 +38,13 @@ import jax
 import numpy as np
 
 from learned_opt.errors import UserError
+from outer_train.run_dir import file_mode
 
 FORMAT = "learned-opt-checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{9})\.ckpt$")
+_TEMP_PREFIX = ".tmp_ckpt_"
+TEMP_PATTERN = f"{_TEMP_PREFIX}*"  # the temporary file of a write in progress (or killed)
 
 
 class CheckpointError(UserError):
@@ -142,21 +149,54 @@ def save(directory: str | Path, outer_step: int, state: Any, *, config_hash: str
         "extra": extra or {},
     }
     path = checkpoint_path(directory, outer_step)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(json.dumps(header, sort_keys=True).encode() + b"\n")
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:  # e.g. ENOSPC: the disk is full
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise CheckpointError(
+            f"cannot write checkpoint {path.name} in {directory} ({e.strerror}). "
+            f"{_what_is_kept(directory, fix)}"
+        ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _what_is_kept(directory: Path, fix: str) -> str:
+    """The run's way on after a failed write: its newest intact checkpoint, if any."""
+    kept = newest_intact(directory)
+    if kept is None:
+        return f"No earlier checkpoint exists: {fix}, then start the run again"
+    step, path = kept
+    return (f"The newest intact checkpoint, {path.name} (outer step {step}), is kept: {fix}, "
+            "then continue the run with --resume")
+
+
+def newest_intact(directory: str | Path) -> tuple[int, Path] | None:
+    """(outer_step, path) of the newest checkpoint in ``directory`` whose header and checksum
+    are intact (``read_header``), or None."""
+    for step, path in reversed(list_checkpoints(directory)):
+        try:
+            read_header(path)
+        except (CheckpointError, OSError):
+            continue
+        return step, path
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -186,6 +226,9 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], bytes]:
             f"{path} has checkpoint format version {header.get('format_version')}, this code "
             f"reads version {FORMAT_VERSION}"
         )
+    step = header.get("outer_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path} has an invalid header (outer_step = {step!r})")
     payload = raw[newline + 1:]
     if (len(payload) != header.get("payload_bytes")
             or hashlib.sha256(payload).hexdigest() != header.get("payload_sha256")):
@@ -193,15 +236,24 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], bytes]:
     return header, payload
 
 
-def load(path: str | Path, template: Any, *, config_hash: str) -> Restored:
-    """Loads one checkpoint into the structure of ``template``; raises ``CheckpointError``."""
+def load(path: str | Path, template: Any, *, config_hash: str,
+         step_of: Callable[[Any], int] | None = None,
+         explain: Callable[[dict[str, Any]], str] | None = None) -> Restored:
+    """Loads one checkpoint into the structure of ``template``; raises ``CheckpointError``.
+
+    step_of(state): the outer step recorded inside the state, which must equal the header's.
+    explain(extra): what differs between this run and the header's ``extra`` (e.g. the config
+    keys), quoted when the config hash differs.
+    """
     path = Path(path)
     header, payload = read_header(path)
     if header.get("config_hash") != config_hash:
+        changes = explain(header.get("extra", {})) if explain is not None else ""
+        changes = f": {changes}" if changes else (
+            f" (hash {str(header.get('config_hash', ''))[:12]} != {config_hash[:12]})")
         raise CheckpointError(
-            f"{path} was written by a different config (hash {header.get('config_hash', '')[:12]}"
-            f" != {config_hash[:12]}); only run length, evaluation and checkpoint settings may "
-            "change on --resume"
+            f"{path} was written by a different config{changes}; only run length, evaluation "
+            "and checkpoint settings may change on --resume"
         )
     try:
         flat = flax.serialization.msgpack_restore(payload)
@@ -210,15 +262,26 @@ def load(path: str | Path, template: Any, *, config_hash: str) -> Restored:
     if not isinstance(flat, dict):
         raise CheckpointError(f"{path} is corrupt (payload is not a table of arrays)")
     state = _unflatten(template, flat, path)
-    return Restored(state, int(header["outer_step"]), path, header)
+    outer_step = header["outer_step"]
+    named = _NAME.match(path.name)
+    inside = step_of(state) if step_of is not None else outer_step
+    if inside != outer_step or (named and int(named.group(1)) != outer_step):
+        raise CheckpointError(
+            f"{path} is inconsistent: its header says outer step {outer_step}, its state holds "
+            f"outer step {inside}"
+        )
+    return Restored(state, outer_step, path, header)
 
 
 def restore_latest(directory: str | Path, template: Any, *, config_hash: str,
+                   step_of: Callable[[Any], int] | None = None,
+                   explain: Callable[[dict[str, Any]], str] | None = None,
                    warn: Callable[[str], None] = print) -> Restored | None:
     """Loads the newest valid checkpoint in ``directory``, or None when there is none at all.
 
-    Invalid files (corrupt, other format version or config) are skipped with a ``warn`` message
-    each; if every file is invalid, raises ``CheckpointError`` listing why.
+    Invalid files (corrupt, inconsistent, other format version or config; ``step_of`` and
+    ``explain`` as in ``load``) are skipped with a ``warn`` message each; if every file is
+    invalid, raises ``CheckpointError`` listing why.
     """
     found = list_checkpoints(directory)
     if not found:
@@ -226,7 +289,8 @@ def restore_latest(directory: str | Path, template: Any, *, config_hash: str,
     problems = []
     for _, path in reversed(found):
         try:
-            restored = load(path, template, config_hash=config_hash)
+            restored = load(path, template, config_hash=config_hash, step_of=step_of,
+                            explain=explain)
         except (CheckpointError, OSError) as e:
             problems.append(str(e))
             warn(f"skipping checkpoint {path.name}: {e}")
@@ -236,5 +300,5 @@ def restore_latest(directory: str | Path, template: Any, *, config_hash: str,
         return restored
     raise CheckpointError(
         f"no usable checkpoint in {directory}: " + "; ".join(problems)
-        + ". Start a new run (drop --resume or use another --out)"
+        + ". Nothing there can be resumed: start the new run in another --out"
     )

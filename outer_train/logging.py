@@ -4,17 +4,23 @@ Metrics are return values of the jitted functions (dicts of scalars), converted 
 here. Each record is ``{"outer_step": n, "kind": "<train|eval|...>", "<name>": value, ...}``;
 TensorBoard gets the same scalars as ``<kind>/<name>`` at step ``outer_step`` (readable by
 ``tensorboard --logdir <out>/tb``). Non-finite values are written as JSON ``NaN``/``Infinity``
-(Python's json accepts and produces them) rather than dropped, so a divergence stays visible.
+(Python's json accepts and produces them) rather than dropped, so a divergence stays visible;
+tensorboardX's warning for each of them is silenced (the run reports skipped steps itself).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def _not_a_nan_warning(record: logging.LogRecord) -> bool:
+    return "NaN or Inf" not in record.getMessage()
 
 
 def _to_python(value: Any) -> Any:
@@ -44,6 +50,9 @@ class MetricsLogger:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            nan_logger = logging.getLogger("tensorboardX.x2num")
+            if _not_a_nan_warning not in nan_logger.filters:
+                nan_logger.addFilter(_not_a_nan_warning)
             # purge_step: TensorBoard hides events at or after it from an earlier, killed run.
             self._tb = SummaryWriter(logdir=str(self.directory / "tb"), purge_step=purge_step,
                                      flush_secs=10)  # the JSONL file is flushed every record
@@ -80,7 +89,7 @@ def truncate_after(path: str | Path, outer_step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_records(path) if r["outer_step"] <= outer_step]
-    tmp = path.with_suffix(".jsonl.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # run_dir.LEFTOVERS removes it after a kill
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
 

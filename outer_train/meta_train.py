@@ -14,6 +14,10 @@ Because every key is a function of (seed, outer step) (``build.RunKeys``) and th
 theta, meta-optimizer state, every estimator state (particle inner states, PES accumulators) and
 the counters -- is one ``MetaTrainState`` pytree that the checkpoint stores bit for bit, a
 resumed run ends with exactly the theta of an uninterrupted one.
+
+A run owns its output folder while it lasts (``run_dir.claim``: one process at a time, leftovers
+of a killed run removed). SIGINT and SIGTERM stop it between outer steps with a checkpoint of the
+last completed one (``interrupt``): ``meta_train`` then raises ``interrupt.Interrupted``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import jax.numpy as jnp
 import optax
 
 from learned_opt.errors import UserError
-from outer_train import checkpoint
+from outer_train import checkpoint, run_dir
 from outer_train.build import MetaTrainSetup, MetaTrainState, build, init_state
 from outer_train.config import MetaTrainConfig, to_toml
+from outer_train.interrupt import Interrupted, StopRequest, stop_signals
 from outer_train.logging import MetricsLogger, truncate_after
 from outer_train.meta_loss import all_finite
 from outer_train.placement import mesh_scope, particle_mesh, place
@@ -41,6 +46,8 @@ if TYPE_CHECKING:
     from outer_train.evaluation import HeldoutEvaluator
 
 OPTIMIZER_FILE = "learned_optimizer.lopt"  # learned_opt.save format (a zip of .npy + JSON)
+_STOP_NOTICE = ("stopping after the current outer step, with a checkpoint; a second signal "
+                "stops at once, without one")
 
 
 def outer_step(
@@ -136,6 +143,7 @@ class _LoopContext:
     ckpt_dir: Path
     config_hash: str
     evaluator: HeldoutEvaluator | None
+    stop: StopRequest
 
 
 def meta_train(
@@ -153,33 +161,46 @@ def meta_train(
     ``stop_after``: stop (after checkpointing) once this many outer steps are done, as if the
     process had been killed there -- for tests of resumption. ``evaluate=False`` skips held-out
     evaluation, plots and summary (tests of the training loop alone).
-    Raises ``UserError`` for an out directory that holds another run (without ``resume``), and
-    when ``run.max_skipped_in_a_row`` consecutive meta-gradients are non-finite.
+    Raises ``UserError`` for an out directory that cannot be used, is in use by another process
+    or holds another run (without ``resume``), and when ``run.max_skipped_in_a_row``
+    consecutive meta-gradients are non-finite; ``Interrupted`` after SIGINT / SIGTERM.
     """
+    out_dir = Path(out_dir)
+    mesh = particle_mesh(config.run.devices)  # a bad device count fails before any compute
+    leftovers = (f"checkpoints/{checkpoint.TEMP_PATTERN}",)
+    with (run_dir.claim(out_dir, leftovers=leftovers, log=log),
+          stop_signals(_STOP_NOTICE) as stop):
+        _refuse_another_run(out_dir, out_dir / "checkpoints", resume=resume)
+        return _run(config, out_dir, mesh, stop, resume=resume, progress=progress,
+                    evaluate=evaluate, stop_after=stop_after, log=log)
+
+
+def _run(config: MetaTrainConfig, out_dir: Path, mesh: jax.sharding.Mesh | None,
+         stop: StopRequest, *, resume: bool, progress: bool, evaluate: bool,
+         stop_after: int | None, log: Callable[[str], None]) -> MetaTrainResult:
+    """``meta_train`` in a folder it holds."""
     from outer_train import evaluation
 
-    out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    _claim_out_dir(out_dir, ckpt_dir, resume=resume)
-    mesh = particle_mesh(config.run.devices)  # a bad device count fails before any compute
     t_build = time.perf_counter()
     setup = build(config)
     config_hash = config.trajectory_hash()
     state, resumed_from = _start_or_resume(setup, ckpt_dir, config_hash, resume=resume, log=log)
     state, estimators, outer_key = _place(mesh, setup, state, log=log)
     start = int(state.outer_step)
-    (out_dir / "config.toml").write_text(to_toml(config))  # after a compatible restore only
-    truncate_after(out_dir / "metrics.jsonl", start)
+    run_dir.write_text(out_dir / "config.toml", to_toml(config))  # after a compatible restore
+    # a fresh start (step 0) keeps no record of an earlier attempt, not even its step-0 ones
+    truncate_after(out_dir / "metrics.jsonl", start if start > 0 else -1)
     num_steps = config.run.num_outer_steps
     if stop_after is not None:
         num_steps = min(num_steps, stop_after)
     evaluator = evaluation.HeldoutEvaluator.from_setup(setup) if evaluate else None
     ctx = _LoopContext(
         setup, make_outer_step(setup.meta_opt), estimators, outer_key, num_steps,
-        MetricsLogger(out_dir, purge_step=start), ckpt_dir, config_hash, evaluator,
+        MetricsLogger(out_dir, purge_step=start), ckpt_dir, config_hash, evaluator, stop,
     )
     try:
-        if evaluator is not None and start == 0:
+        if evaluator is not None and start == 0 and not stop.requested:
             _evaluate(ctx, state, log, label="init")
         ctx.logger.log(start, "setup", {
             "startup_seconds": time.perf_counter() - t_build,  # data, compile, first eval
@@ -197,14 +218,20 @@ def meta_train(
     return _write_outputs(setup, state, out_dir, evaluator, resumed_from)
 
 
-def _claim_out_dir(out_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
-    """Creates ``out_dir``; refuses one that holds another run's checkpoints unless resuming."""
-    if not resume and checkpoint.list_checkpoints(ckpt_dir):
+def _refuse_another_run(out_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
+    """Without ``resume``, refuses a folder that holds another run's checkpoints, with the one
+    way on that works: --resume if a checkpoint is intact, another --out if none is."""
+    if resume or not checkpoint.list_checkpoints(ckpt_dir):
+        return
+    if checkpoint.newest_intact(ckpt_dir) is None:
         raise UserError(
-            f"{out_dir} already holds a run's checkpoints; pass --resume to continue it, or "
-            "choose another --out"
+            f"{out_dir} holds a run whose checkpoints are all corrupt: nothing there can be "
+            "resumed. Start the new run in another --out"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    raise UserError(
+        f"{out_dir} already holds a run's checkpoints; pass --resume to continue it, or "
+        "choose another --out"
+    )
 
 
 def _start_or_resume(setup: MetaTrainSetup, ckpt_dir: Path, config_hash: str, *, resume: bool,
@@ -214,12 +241,28 @@ def _start_or_resume(setup: MetaTrainSetup, ckpt_dir: Path, config_hash: str, *,
     state = init_state(setup)
     if not resume:
         return state, None
-    restored = checkpoint.restore_latest(ckpt_dir, state, config_hash=config_hash, warn=log)
+    restored = checkpoint.restore_latest(
+        ckpt_dir, state, config_hash=config_hash, step_of=lambda s: int(s.outer_step),
+        explain=lambda extra: _config_changes(setup.config, extra), warn=log,
+    )
     if restored is None:
-        log(f"no checkpoint in {ckpt_dir}; starting from outer step 0")
+        log(f"nothing to resume: no checkpoint in {ckpt_dir}; starting a new run from outer "
+            "step 0")
         return state, None
     log(f"resuming from {restored.path} (outer step {restored.outer_step})")
     return restored.state, restored.outer_step
+
+
+def _config_changes(config: MetaTrainConfig, extra: dict[str, Any]) -> str:
+    """The trajectory keys where a checkpoint's config (its header's ``extra["config"]``)
+    differs from ``config``, for the refusal message ("" when the header has no config)."""
+    saved = extra.get("config")
+    if not isinstance(saved, dict):
+        return ""
+    changes = config.trajectory_changes(saved)
+    shown = "; ".join(f"{key} = {old!r} in the checkpoint, {new!r} now"
+                      for key, old, new in changes[:4])
+    return shown + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
 
 
 def _place(mesh: jax.sharding.Mesh | None, setup: MetaTrainSetup, state: MetaTrainState, *,
@@ -274,10 +317,27 @@ def _write_checkpoint(ctx: _LoopContext, outer_step: int, state: MetaTrainState)
     )
 
 
+def divergence_advice(config: MetaTrainConfig) -> str:
+    """What to change after ``run.max_skipped_in_a_row`` non-finite meta-gradients in a row:
+    only settings that apply to ``config`` and are not already the stabler choice."""
+    from outer_train.estimators import estimator_knobs
+
+    fixes = ["meta_opt.learning_rate"]
+    if "sigma" in estimator_knobs(config.estimator.name):
+        fixes.append("estimator.sigma")
+    text = "Lower " + " or ".join(fixes)
+    if config.problem.loss_transform != "clip":
+        text += ", or use problem.loss_transform = 'clip'"
+    elif config.meta_opt.clip_norm == 0:
+        text += ", or clip the meta-gradient (meta_opt.clip_norm = 1)"
+    return text
+
+
 def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
           log: Callable[[str], None]) -> MetaTrainState:
-    """Outer steps from ``state`` up to ``ctx.num_steps``: logs, checkpoints at the cadence (and
-    on Ctrl-C), evaluates periodically; stops with ``UserError`` after too many skipped steps."""
+    """Outer steps from ``state`` up to ``ctx.num_steps``: logs, checkpoints at the cadence,
+    evaluates periodically; stops with ``UserError`` after too many skipped steps, and with
+    ``Interrupted`` (after a checkpoint) at the first step boundary after a stop signal."""
     from tqdm.auto import tqdm
 
     config = ctx.setup.config
@@ -292,8 +352,11 @@ def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
     if progress:
         log = bar.write  # messages above the bar, not through it
     window_t0, window_steps = time.perf_counter(), 0
+    saved = start  # the newest checkpointed outer step (start: restored, or nothing done yet)
     try:
         for n in range(start, num_steps):
+            if ctx.stop.requested:
+                break
             t0 = time.perf_counter()
             state, metrics = ctx.step_fn(ctx.estimators, state, ctx.outer_key)
             metrics = jax.device_get(metrics)  # waits for the step: honest timings
@@ -315,28 +378,44 @@ def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
                     "inner_steps_per_second": inner_per_outer * window_steps / elapsed,
                 })
                 window_t0, window_steps = time.perf_counter(), 0
+            if in_a_row == 1:  # once per streak of skipped updates, not once per step
+                log(f"outer step {done}: non-finite meta-gradient, update skipped "
+                    f"({int(metrics['num_skipped'])} skipped so far)")
             if in_a_row >= max_in_a_row:
                 _write_checkpoint(ctx, done, state)
                 raise UserError(
                     f"meta-training diverged: {in_a_row} non-finite meta-gradients in a row "
-                    f"(outer step {done}; every one skipped and logged). Lower "
-                    "meta_opt.learning_rate or estimator.sigma, or use loss_transform = 'clip'"
+                    f"(outer step {done}; every one skipped and logged). "
+                    f"{divergence_advice(config)}"
                 )
             final = done == num_steps
             every = config.checkpoint.every
             if final or (every > 0 and done % every == 0):
                 _write_checkpoint(ctx, done, state)
+                saved = done
             if (ctx.evaluator is not None and done < config.run.num_outer_steps
                     and config.eval.every > 0 and done % config.eval.every == 0):
                 _evaluate(ctx, state, log, label="periodic")
                 window_t0, window_steps = time.perf_counter(), 0
-    except KeyboardInterrupt:
-        # `state` is always a completed step: keep it, so --resume loses nothing.
-        done = int(state.outer_step)
-        if done > start:
-            path = _write_checkpoint(ctx, done, state)
-            log(f"interrupted: checkpoint {path} written; continue with --resume")
-        raise
+        if ctx.stop.requested:
+            raise _interrupted(ctx, state, start, saved)
     finally:
         bar.close()
+    if int(state.num_skipped) > 0:
+        log(f"{int(state.num_skipped)} of {int(state.outer_step)} outer steps skipped their "
+            "update (non-finite meta-gradient)")
     return state
+
+
+def _interrupted(ctx: _LoopContext, state: MetaTrainState, start: int,
+                 saved: int) -> Interrupted:
+    """Checkpoints the last completed outer step (unless it is already) for ``Interrupted``;
+    ``start``: the outer step this session began at, ``saved``: its newest checkpoint's."""
+    done = int(state.outer_step)
+    if done == start:
+        what = "before completing an outer step; nothing new to checkpoint"
+    else:
+        path = (_write_checkpoint(ctx, done, state) if done > saved
+                else checkpoint.checkpoint_path(ctx.ckpt_dir, done))
+        what = f"after outer step {done}; checkpoint {path} is written"
+    return Interrupted(ctx.stop.signum, f"meta-train stopped by {ctx.stop.name} {what}")

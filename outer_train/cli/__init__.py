@@ -10,7 +10,9 @@ subcommand modules (which import JAX). ``learned-opt --version`` imports neither
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.metadata
+import signal
 import sys
 
 from outer_train import runtime
@@ -88,6 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, TaskError) as e:  # bad input: one clear line, no traceback
         print(f"learned-opt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"learned-opt {args.command}: error: {e.strerror}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        end_quietly()
+        print(f"learned-opt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def end_quietly() -> None:
+    """For a process that is ending on a signal: a further SIGINT or SIGTERM ends it at once,
+    without a KeyboardInterrupt traceback from the interpreter's shutdown."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
