@@ -18,8 +18,11 @@ milliseconds, naming what is missing and where to put it.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -127,10 +130,28 @@ def read_source(
 def _prepared_builtin(
     name: str, data_dir: Path, manual_dir: Path | None
 ) -> tfds.core.DatasetBuilder:
-    builder = tfds_builders.BUILDERS[name](data_dir=data_dir, file_format=FILE_FORMAT)
-    if not _is_prepared(builder):
-        config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-        builder.download_and_prepare(download_config=config)
+    """The builder of built-in source ``name``, prepared first if need be.
+
+    Preparation holds ``<data_dir>/<builder>/.prepare.lock`` (another process preparing the
+    same dataset is waited for, then its result read) and first removes the ``incomplete.*``
+    folders that a killed preparation leaves (TFDS renames the folder only on success).
+    """
+    make = lambda: tfds_builders.BUILDERS[name](data_dir=data_dir, file_format=FILE_FORMAT)
+    builder = make()
+    if _is_prepared(builder):
+        return builder
+    folder = Path(builder.data_path).parent  # <data_dir>/<builder name>
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        builder = make()  # reads what another process may have prepared meanwhile
+        if not _is_prepared(builder):
+            for leftover in sorted(folder.glob("incomplete.*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+                print(f"removed {leftover}, left by an interrupted preparation of {name}",
+                      file=sys.stderr)
+            config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+            builder.download_and_prepare(download_config=config)
     return builder
 
 
