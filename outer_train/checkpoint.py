@@ -236,6 +236,21 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], bytes]:
     return header, payload
 
 
+def _read_compatible(path: Path, config_hash: str,
+                     explain: Callable[[dict[str, Any]], str] | None) -> tuple[dict, bytes]:
+    """``read_header``, and the config hash must be ``config_hash``; raises CheckpointError."""
+    header, payload = read_header(path)
+    if header.get("config_hash") != config_hash:
+        changes = explain(header.get("extra", {})) if explain is not None else ""
+        changes = f": {changes}" if changes else (
+            f" (hash {str(header.get('config_hash', ''))[:12]} != {config_hash[:12]})")
+        raise CheckpointError(
+            f"{path} was written by a different config{changes}; only run length, evaluation "
+            "and checkpoint settings may change on --resume"
+        )
+    return header, payload
+
+
 def load(path: str | Path, template: Any, *, config_hash: str,
          step_of: Callable[[Any], int] | None = None,
          explain: Callable[[dict[str, Any]], str] | None = None) -> Restored:
@@ -246,15 +261,7 @@ def load(path: str | Path, template: Any, *, config_hash: str,
     keys), quoted when the config hash differs.
     """
     path = Path(path)
-    header, payload = read_header(path)
-    if header.get("config_hash") != config_hash:
-        changes = explain(header.get("extra", {})) if explain is not None else ""
-        changes = f": {changes}" if changes else (
-            f" (hash {str(header.get('config_hash', ''))[:12]} != {config_hash[:12]})")
-        raise CheckpointError(
-            f"{path} was written by a different config{changes}; only run length, evaluation "
-            "and checkpoint settings may change on --resume"
-        )
+    header, payload = _read_compatible(path, config_hash, explain)
     try:
         flat = flax.serialization.msgpack_restore(payload)
     except Exception as e:  # msgpack raises several types on garbage
@@ -298,7 +305,29 @@ def restore_latest(directory: str | Path, template: Any, *, config_hash: str,
         if problems:
             warn(f"resuming from older checkpoint {path.name} (outer step {restored.outer_step})")
         return restored
-    raise CheckpointError(
+    raise _no_usable(directory, problems)
+
+
+def check_restorable(directory: str | Path, *, config_hash: str,
+                     explain: Callable[[dict[str, Any]], str] | None = None) -> None:
+    """Raises the ``CheckpointError`` that ``restore_latest`` would for what the files alone
+    show -- every one corrupt, of another format version or from another config -- without
+    the template (so before a run builds anything); returns if one may restore, or none exist.
+    """
+    problems = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            _read_compatible(path, config_hash, explain)
+        except (CheckpointError, OSError) as e:
+            problems.append(str(e))
+            continue
+        return
+    if problems:
+        raise _no_usable(directory, problems)
+
+
+def _no_usable(directory: str | Path, problems: list[str]) -> CheckpointError:
+    return CheckpointError(
         f"no usable checkpoint in {directory}: " + "; ".join(problems)
         + ". Nothing there can be resumed: start the new run in another --out"
     )

@@ -171,6 +171,11 @@ def meta_train(
     with (run_dir.claim(out_dir, leftovers=leftovers, log=log),
           stop_signals(_STOP_NOTICE) as stop):
         _refuse_another_run(out_dir, out_dir / "checkpoints", resume=resume)
+        if resume:  # what the files alone show fails before any compute
+            checkpoint.check_restorable(
+                out_dir / "checkpoints", config_hash=config.trajectory_hash(),
+                explain=lambda extra: _config_changes(config, extra),
+            )
         return _run(config, out_dir, mesh, stop, resume=resume, progress=progress,
                     evaluate=evaluate, stop_after=stop_after, log=log)
 

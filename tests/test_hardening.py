@@ -207,7 +207,6 @@ def test_resume_takes_the_runs_own_config_and_help_says_how(tmp_path, capsys, mo
 # -- checkpoints ----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_all_corrupt_checkpoints_give_one_way_out_that_works(tmp_path, tiny_config):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
