@@ -18,7 +18,8 @@ so a killed run never leaves a half-written checkpoint under a checkpoint name (
 raises ``CheckpointError`` and leaves the earlier checkpoints as they were. Files get the
 permissions a plain ``open`` gives. Only the newest ``keep`` checkpoints are kept.
 ``restore_latest`` falls back to the newest *valid* checkpoint and reports every file it skipped
-and why.
+and why; ``check_restorable`` gives its verdict on what the files alone show (corrupt, another
+config) before a run has built the template.
 """
 
 from __future__ import annotations
