@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from learned_opt.errors import UserError
-from outer_train import compare_report, compare_stats
+from outer_train import compare_report, compare_stats, run_dir
 from outer_train.compare_results import (
     STATUS_FILE,
     RunResult,
@@ -85,15 +85,21 @@ def run_compare(base: MetaTrainConfig, compare: CompareConfig, out_dir: str | Pa
                 raw_config: dict[str, Any] | None = None, resume: bool = False,
                 progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
     """Runs every arm x rate x seed (skipping done runs with ``resume``), measures the arms'
-    estimator statistics, then writes the report. Raises ``UserError`` for an output directory
-    holding another comparison without ``resume``."""
+    estimator statistics, then writes the report, holding ``out_dir`` (``run_dir.claim``).
+    Raises ``UserError`` for an output directory holding another comparison without
+    ``resume``, or one that another live process holds."""
     del base  # every run's config is complete in ``compare``
     out_dir = Path(out_dir)
     if not resume and ((out_dir / CONFIG_FILE).exists()
                        or any((out_dir / arm.label).exists() for arm in compare.arms)):
         raise UserError(f"{out_dir} already holds a comparison; pass --resume to continue it "
                         "(finished runs are skipped), or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir.claim(out_dir, log=log):  # one comparison per folder (its runs lock theirs)
+        return _run_all(compare, out_dir, raw_config, progress=progress, log=log)
+
+
+def _run_all(compare: CompareConfig, out_dir: Path, raw_config: dict[str, Any] | None, *,
+             progress: bool, log: Callable[[str], None]) -> CompareResult:
     write_json(out_dir / CONFIG_FILE, raw_config or {})
     plan = None
     if compare.section.budget == "seconds":

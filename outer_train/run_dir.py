@@ -99,20 +99,27 @@ def remove_leftovers(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
     return removed
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Writes ``text`` to ``path`` atomically (``.<name>.<random>.tmp`` then ``os.replace``),
-    with ``file_mode`` permissions; a kill leaves either the old file or the new one."""
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (``.<name>.<random>.tmp`` then ``os.replace``),
+    creating its folder, with ``file_mode`` permissions; a kill leaves either the old file or
+    the new one. Returns the path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``write_bytes`` of ``text`` in UTF-8."""
+    return write_bytes(path, text.encode())
 
 
 def _lock(out_dir: Path, log: Callable[[str], None]) -> int | None:

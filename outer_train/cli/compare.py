@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_compare(base, compare, out, raw_config=data, resume=args.resume,
                              progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a run's Interrupted (SIGINT / SIGTERM) or a plain Ctrl-C
         print(f"compare interrupted; continue with: learned-opt compare {args.config} --out "
               f"{out} --resume")
-        return 130
+        return getattr(e, "exit_code", 130)
     print(f"report: {result.report_path}")
     text = result.report_path.read_text()
     start = text.index("## Held-out meta-objective")

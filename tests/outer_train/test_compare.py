@@ -306,6 +306,17 @@ def test_a_seconds_budget_is_calibrated_once_and_reused(tmp_path, monkeypatch):
         compare_mod.calibrate(small, tmp_path, log=lambda s: None)
 
 
+def test_a_comparison_owns_its_folder(tmp_path, tiny_file):
+    from outer_train import run_dir
+
+    base, compare = load_compare_config(tiny_file)
+    with run_dir.claim(tmp_path / "held", log=lambda s: None):  # another live owner
+        with pytest.raises(UserError, match=r"in use by another learned-opt process \(pid"):
+            compare_mod.run_compare(base, compare, tmp_path / "held", resume=True,
+                                    progress=False, log=lambda s: None)
+    assert not (tmp_path / "held" / "compare.json").exists()  # refused before writing
+
+
 def test_full_bptt_arms_do_not_inherit_the_es_sigma():
     data = _with(TINY, estimator__sigma=0.02)
     data["compare"]["arms"].append({"label": "bptt", "estimator": {"name": "full_bptt"}})
