@@ -83,6 +83,18 @@ class MetricsLogger:
         self.close()
 
 
+class NullLogger:
+    """A ``MetricsLogger`` that writes nothing: for the processes of a group other than the
+    writer (``outer_train.distributed.is_writer``)."""
+
+    def log(self, outer_step: int, kind: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return {"outer_step": int(outer_step), "kind": kind,
+                **{k: _to_python(v) for k, v in metrics.items()}}
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_after(path: str | Path, outer_step: int) -> None:
     """Drops records with ``outer_step`` > the given step (used when a run resumes)."""
     path = Path(path)

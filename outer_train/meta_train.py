@@ -15,6 +15,12 @@ theta, meta-optimizer state, every estimator state (particle inner states, PES a
 the counters -- is one ``MetaTrainState`` pytree that the checkpoint stores bit for bit, a
 resumed run ends with exactly the theta of an uninterrupted one.
 
+In a group of processes (``outer_train.distributed``) every process runs this loop on its share
+of the particles and computes the same update; only process 0 (``distributed.is_writer``)
+claims the folder and writes files, and a checkpoint gathers the whole state there
+(``placement.to_host``), so a run resumes with any number of processes (the particles are
+split anew).
+
 A run owns its output folder while it lasts (``run_dir.claim``: one process at a time, leftovers
 of a killed run removed). SIGINT and SIGTERM stop it between outer steps with a checkpoint of the
 last completed one (``interrupt``): ``meta_train`` then raises ``interrupt.Interrupted``.
@@ -22,8 +28,10 @@ last completed one (``interrupt``): ``meta_train`` then raises ``interrupt.Inter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,13 +42,13 @@ import jax.numpy as jnp
 import optax
 
 from learned_opt.errors import UserError
-from outer_train import checkpoint, run_dir
+from outer_train import checkpoint, distributed, run_dir
 from outer_train.build import MetaTrainSetup, MetaTrainState, build, init_state
 from outer_train.config import MetaTrainConfig, to_toml
 from outer_train.interrupt import Interrupted, StopRequest, stop_signals
-from outer_train.logging import MetricsLogger, truncate_after
+from outer_train.logging import MetricsLogger, NullLogger, truncate_after
 from outer_train.meta_loss import all_finite
-from outer_train.placement import mesh_scope, particle_mesh, place
+from outer_train.placement import mesh_scope, particle_mesh, place, to_host
 
 if TYPE_CHECKING:
     from outer_train.evaluation import HeldoutEvaluator
@@ -139,7 +147,7 @@ class _LoopContext:
     estimators: tuple[Any, ...]
     outer_key: jax.Array
     num_steps: int
-    logger: MetricsLogger
+    logger: MetricsLogger | NullLogger
     ckpt_dir: Path
     config_hash: str
     evaluator: HeldoutEvaluator | None
@@ -164,12 +172,16 @@ def meta_train(
     Raises ``UserError`` for an out directory that cannot be used, is in use by another process
     or holds another run (without ``resume``), and when ``run.max_skipped_in_a_row``
     consecutive meta-gradients are non-finite; ``Interrupted`` after SIGINT / SIGTERM.
+    In a group of processes, every process calls it alike; only process 0 writes and logs.
     """
     out_dir = Path(out_dir)
     mesh = particle_mesh(config.run.devices)  # a bad device count fails before any compute
+    if not distributed.is_writer():  # computes only: process 0 writes, logs and shows progress
+        log, progress = (lambda _: None), False
     leftovers = (f"checkpoints/{checkpoint.TEMP_PATTERN}",)
-    with (run_dir.claim(out_dir, leftovers=leftovers, log=log),
-          stop_signals(_STOP_NOTICE) as stop):
+    claim = (run_dir.claim(out_dir, leftovers=leftovers, log=log) if distributed.is_writer()
+             else contextlib.nullcontext())
+    with claim, stop_signals(_STOP_NOTICE) as stop:
         _refuse_another_run(out_dir, out_dir / "checkpoints", resume=resume)
         if resume:  # what the files alone show fails before any compute
             checkpoint.check_restorable(
@@ -193,16 +205,19 @@ def _run(config: MetaTrainConfig, out_dir: Path, mesh: jax.sharding.Mesh | None,
     state, resumed_from = _start_or_resume(setup, ckpt_dir, config_hash, resume=resume, log=log)
     state, estimators, outer_key = _place(mesh, setup, state, log=log)
     start = int(state.outer_step)
-    run_dir.write_text(out_dir / "config.toml", to_toml(config))  # after a compatible restore
-    # a fresh start (step 0) keeps no record of an earlier attempt, not even its step-0 ones
-    truncate_after(out_dir / "metrics.jsonl", start if start > 0 else -1)
+    writer = distributed.is_writer()
+    if writer:
+        run_dir.write_text(out_dir / "config.toml", to_toml(config))  # after a compatible restore
+        # a fresh start (step 0) keeps no record of an earlier attempt, not even its step-0 ones
+        truncate_after(out_dir / "metrics.jsonl", start if start > 0 else -1)
     num_steps = config.run.num_outer_steps
     if stop_after is not None:
         num_steps = min(num_steps, stop_after)
     evaluator = evaluation.HeldoutEvaluator.from_setup(setup) if evaluate else None
     ctx = _LoopContext(
         setup, make_outer_step(setup.meta_opt), estimators, outer_key, num_steps,
-        MetricsLogger(out_dir, purge_step=start), ckpt_dir, config_hash, evaluator, stop,
+        MetricsLogger(out_dir, purge_step=start) if writer else NullLogger(), ckpt_dir,
+        config_hash, evaluator, stop,
     )
     try:
         if evaluator is not None and start == 0 and not stop.requested:
@@ -279,7 +294,9 @@ def _place(mesh: jax.sharding.Mesh | None, setup: MetaTrainSetup, state: MetaTra
         replicated=(state._replace(estimator_states=()), setup.estimators, setup.keys.outer),
     )
     if mesh is not None:
-        log(f"particles split over {mesh.size} devices")
+        processes = distributed.process_count()
+        across = f" of {processes} processes" if processes > 1 else ""
+        log(f"particles split over {mesh.size} devices{across}")
     return state._replace(estimator_states=estimator_states), estimators, outer_key
 
 
@@ -291,8 +308,11 @@ def _write_outputs(setup: MetaTrainSetup, state: MetaTrainState, out_dir: Path,
 
     config = setup.config
     optimizer_path = out_dir / OPTIMIZER_FILE
-    save(optimizer_path, setup.lopt, jax.device_get(state.theta))
+    theta = to_host(state.theta)  # every process takes part; process 0 writes
     summary_path = None
+    if not distributed.is_writer():
+        return MetaTrainResult(state, out_dir, optimizer_path, summary_path, resumed_from)
+    save(optimizer_path, setup.lopt, theta)
     if evaluator is not None and int(state.outer_step) >= config.run.num_outer_steps:
         summary_path = report.write_meta_train_report(
             out_dir, config, evaluator.final_results(), resumed_from=resumed_from
@@ -304,7 +324,7 @@ def _evaluate(ctx: _LoopContext, state: MetaTrainState, log: Callable[[str], Non
               label: str) -> None:
     t0 = time.perf_counter()
     n = int(state.outer_step)
-    summary = ctx.evaluator.evaluate(state.theta, outer_step=n)
+    summary = ctx.evaluator.evaluate(to_host(state.theta), outer_step=n)
     metrics = {**summary, "seconds": time.perf_counter() - t0}
     ctx.logger.log(n, "eval", metrics)
     log(
@@ -315,7 +335,11 @@ def _evaluate(ctx: _LoopContext, state: MetaTrainState, log: Callable[[str], Non
 
 
 def _write_checkpoint(ctx: _LoopContext, outer_step: int, state: MetaTrainState) -> Path:
+    """The whole state, gathered from every process (all take part), written by process 0."""
     config = ctx.setup.config
+    state = to_host(state)
+    if not distributed.is_writer():
+        return checkpoint.checkpoint_path(ctx.ckpt_dir, outer_step)
     return checkpoint.save(
         ctx.ckpt_dir, outer_step, state, config_hash=ctx.config_hash,
         keep=config.checkpoint.keep, extra={"config": config.to_dict()},
@@ -358,9 +382,11 @@ def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
         log = bar.write  # messages above the bar, not through it
     window_t0, window_steps = time.perf_counter(), 0
     saved = start  # the newest checkpointed outer step (start: restored, or nothing done yet)
+    stopping = False
     try:
         for n in range(start, num_steps):
-            if ctx.stop.requested:
+            if distributed.any_process(ctx.stop.requested):  # all stop at the same step
+                stopping = True
                 break
             t0 = time.perf_counter()
             state, metrics = ctx.step_fn(ctx.estimators, state, ctx.outer_key)
@@ -402,7 +428,7 @@ def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
                     and config.eval.every > 0 and done % config.eval.every == 0):
                 _evaluate(ctx, state, log, label="periodic")
                 window_t0, window_steps = time.perf_counter(), 0
-        if ctx.stop.requested:
+        if stopping or distributed.any_process(ctx.stop.requested):
             raise _interrupted(ctx, state, start, saved)
     finally:
         bar.close()
@@ -423,4 +449,7 @@ def _interrupted(ctx: _LoopContext, state: MetaTrainState, start: int,
         path = (_write_checkpoint(ctx, done, state) if done > saved
                 else checkpoint.checkpoint_path(ctx.ckpt_dir, done))
         what = f"after outer step {done}; checkpoint {path} is written"
-    return Interrupted(ctx.stop.signum, f"meta-train stopped by {ctx.stop.name} {what}")
+    if ctx.stop.requested:
+        return Interrupted(ctx.stop.signum, f"meta-train stopped by {ctx.stop.name} {what}")
+    # another process of the group got the signal: every process stops at the same step
+    return Interrupted(signal.SIGTERM, f"meta-train stopped with its process group {what}")

@@ -30,8 +30,18 @@ AXIS = "particles"
 
 
 def particle_mesh(devices: int) -> jax.sharding.Mesh | None:
-    """The mesh the particles are split over (``run.devices``; 0 = all local devices), or None
-    for a single device. Raises ``UserError`` when more devices are asked for than JAX sees."""
+    """The mesh the particles are split over (``run.devices``; 0 = all devices), or None for a
+    single device. In a group of processes (``outer_train.distributed``) it spans every
+    process's devices (``jax.devices()``), and ``devices`` must be 0 or their number; alone,
+    the local ones. Raises ``UserError`` when more devices are asked for than JAX sees."""
+    if jax.process_count() > 1:
+        available = jax.devices()
+        if devices not in (0, len(available)):
+            raise UserError(
+                f"run.devices = {devices}, but {jax.process_count()} processes hold "
+                f"{len(available)} devices and each process must hold its share: use 0 (all)"
+            )
+        return jax.sharding.Mesh(np.asarray(available), (AXIS,))
     available = jax.local_devices()
     n = len(available) if devices == 0 else devices
     if n > len(available):
@@ -51,7 +61,49 @@ def place(mesh: jax.sharding.Mesh | None, *, particles: Any, replicated: Any) ->
     if mesh is None:
         return particles, replicated
     everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return shard_particles(particles, mesh), jax.device_put(replicated, everywhere)
+    return shard_particles(particles, mesh), jax.tree.map(lambda x: _put(x, everywhere),
+                                                          replicated)
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _put(x, sharding: jax.sharding.NamedSharding):
+    """``x`` (the same value in every process) placed with ``sharding``. Alone,
+    ``jax.device_put``; across processes each process builds its own shards from its copy
+    (``jax.make_array_from_callback``), PRNG keys through their key data."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if _is_key(x):
+        data = _put(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` (placed by ``place``, possibly across processes) as whole arrays in this process:
+    NumPy arrays, PRNG keys as local key arrays. Across processes a collective
+    (``multihost_utils.process_allgather``): every process must call it, in the same order."""
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def gather(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if x.is_fully_addressable:  # already whole here (a tiled gather would stack copies)
+            return x if _is_key(x) else jax.device_get(x)
+        if x.is_fully_replicated:  # theta, counters: this process's copy, no collective
+            local = x.addressable_data(0)
+            return local if _is_key(x) else np.asarray(local)
+        if _is_key(x):
+            data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(gather, tree)
 
 
 def mesh_scope(mesh: jax.sharding.Mesh | None):
@@ -74,7 +126,7 @@ def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = AXIS):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def put(x):
-        return jax.device_put(x, split if _splits(x, size) else replicated)
+        return _put(x, split if _splits(x, size) else replicated)
 
     return jax.tree.map(put, tree)
 

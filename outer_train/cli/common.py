@@ -6,6 +6,9 @@
 defaults for every key left out; configs/diagnostics/ has examples). ``--optimizer``: look at a
 saved learned optimizer instead of the init. The output directory defaults to
 ``runs/<name>_<lopt>_seed<section seed>``.
+
+``add_process_group_arguments`` / ``process_group``: the flags that run a command as one of N
+cooperating processes (``outer_train.distributed``).
 """
 
 from __future__ import annotations
@@ -42,3 +45,39 @@ def load_job(args: argparse.Namespace, name: str):
     tag = args.optimizer.stem if args.optimizer is not None else config.lopt.name
     out = run_dir.prepare(args.out or Path("runs") / f"{name}_{tag}_seed{section.seed}")
     return job, out
+
+
+def add_process_group_arguments(p: argparse.ArgumentParser) -> None:
+    """--coordinator / --num-processes / --process-id / --distributed / --peer-timeout."""
+    from outer_train.distributed import DEFAULT_PEER_TIMEOUT
+
+    g = p.add_argument_group(
+        "several processes (jax.distributed)",
+        "run as one of N cooperating processes, the particles split over all their devices; "
+        "process 0 writes the files. Start every process with the same command and its own "
+        "--process-id, or let JAX read them from the environment (SLURM, Open MPI, ...) with "
+        "--distributed")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="where process 0 listens and the others connect")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="how many processes take part")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process's number, 0 .. N-1 (0 writes the files)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the process group the environment describes (what "
+                        "jax.distributed.initialize() detects: SLURM, Open MPI, "
+                        "JAX_COORDINATOR_ADDRESS, ...)")
+    g.add_argument("--peer-timeout", type=int, default=DEFAULT_PEER_TIMEOUT, metavar="SECONDS",
+                   help="wait this long for the coordinator at the start and for a silent "
+                        "process during the run; then the others stop, naming it "
+                        f"(default {DEFAULT_PEER_TIMEOUT})")
+
+
+def process_group(args: argparse.Namespace):
+    """The ``distributed.ProcessGroup`` the flags ask for, or None for a single process."""
+    from outer_train.distributed import ProcessGroup
+
+    given = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(x is None for x in given):
+        return None
+    return ProcessGroup(*given, peer_timeout=args.peer_timeout)

@@ -11,6 +11,11 @@ omitted on resume: the run's own ``<out>/config.toml`` is used, and a folder wit
 refused (nothing to resume). With ``--config`` and no checkpoint yet, ``--resume`` starts the
 run from outer step 0 and says so, so one command both starts and continues a run.
 
+With ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed``, from
+the environment) it runs as one of N cooperating processes (``outer_train.distributed``): the
+particles are split over every process's devices, process 0 writes the files, and a lost
+process stops the others within ``--peer-timeout`` seconds (exit status 75).
+
 One process at a time owns ``--out`` (``outer_train.run_dir``). Ctrl-C or SIGTERM stops the run
 after the current outer step with a checkpoint (exit status 130 / 143) and prints the command
 that continues it; a second signal stops at once.
@@ -22,6 +27,7 @@ import argparse
 from pathlib import Path
 
 from learned_opt.errors import UserError
+from outer_train.cli import common
 
 HELP = "meta-train a learned optimizer from a TOML config (checkpoints, evaluation, report)"
 EXAMPLE = (
@@ -46,9 +52,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-eval", action="store_true",
                    help="skip held-out evaluation, plots and summary (train only)")
+    common.add_process_group_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from outer_train import distributed
+
+    group = common.process_group(args)
+    if group is None:
+        return _run(args)
+    distributed.join(group)  # before anything asks JAX for devices
+    try:
+        code = _run(args)
+    except BaseException as e:
+        distributed.stop_watching()  # this process ends; the others see it go and stop
+        distributed.exit_if_lost(e)  # a lost process explains the error: name it, exit 75
+        raise
+    distributed.leave()
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     from outer_train.config import load_config
 
     config = load_config(_config_path(args), args.overrides)  # validated before any compute
