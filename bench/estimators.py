@@ -1,6 +1,6 @@
 """Benchmark the outer-gradient estimators on the standard meta-training workload.
 
-    python -m bench.estimators [--estimators pes,tbptt,...] [--devices 0] [--out FILE]
+    python -m bench.estimators [--estimators pes,tbptt,...] [--devices 0] [--pairs 8] [--out FILE]
 
 Standard workload: digits 8x8, MLP 64-32-32-10 ReLU (hidden (32, 32)), batch 128, default
 MLPLOpt, 8 antithetic pairs (16 particle unrolls) or 8 tasks for backprop estimators, K = 20,
@@ -95,7 +95,8 @@ def _inner_step_gflop(task, lopt, params, backprop: bool) -> float:
     return (3 if backprop else 1) * forward / 1e9
 
 
-def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -> dict:
+def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int,
+               pairs: int = PAIRS) -> dict:
     process = configure_process(devices=devices)  # before JAX starts, as learned-opt does
     import jax
     import optax
@@ -107,6 +108,7 @@ def run_worker(config_name: str, outer_steps: int, repeats: int, devices: int) -
     from tasks.image_mlp import STANDARD_PRESET, preset
 
     estimator_name, knobs = CONFIGS[config_name]
+    knobs = {**knobs, "num_tasks": pairs}  # --pairs: 2 x pairs particle unrolls
     task = preset(STANDARD_PRESET)
     lopt = MLPLOpt()
     problem = LearnedOptProblem(task, lopt, meta_loss="train", loss_transform="clip")
@@ -194,12 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=0,
                         help="split the particles over this many host CPU devices (default 0: "
                              "one per core, as learned-opt meta-train does; 1: no split)")
+    parser.add_argument("--pairs", type=int, default=PAIRS,
+                        help=f"antithetic pairs (tasks for backprop estimators; default {PAIRS}, "
+                             "the standard workload): 2 x pairs particle unrolls")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:  # inside the fresh subprocess: one configuration, JSON on the last line
-        result = run_worker(args.worker, args.outer_steps, args.repeats, args.devices)
+        result = run_worker(args.worker, args.outer_steps, args.repeats, args.devices,
+                            args.pairs)
         print(json.dumps(result))
         return 0
 
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats = 1 if long else args.repeats
         cmd = [sys.executable, "-m", "bench.estimators", "--worker", name,
                "--outer-steps", str(outer_steps), "--repeats", str(repeats),
-               "--devices", str(args.devices)]
+               "--devices", str(args.devices), "--pairs", str(args.pairs)]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             results[name] = {"error": proc.stderr.strip().splitlines()[-5:]}
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "workload": {
             "task": "digits 8x8, MLP 64-32-32-10 ReLU, batch 128", "lopt": "MLPLOpt()",
-            "pairs_or_tasks": PAIRS, "trunc_length": TRUNC_LENGTH, "horizon": HORIZON,
+            "pairs_or_tasks": args.pairs, "trunc_length": TRUNC_LENGTH, "horizon": HORIZON,
             "sigma": SIGMA, "meta_loss": "train", "meta_opt": f"adam({META_LR})",
             "devices": args.devices,
         },
