@@ -242,7 +242,7 @@ def _report_lines(compare: CompareConfig, runs, summaries: list[ArmSummary], ada
     unit = "training seconds" if sec.budget == "seconds" else "inner steps"
     head = ["budget point", unit] + [s.label for s in summaries] + ["tuned Adam"]
     rows = []
-    for j in range(1, p + 1):
+    for j in range(p + 1):  # j = 0: every arm's initial theta (the same learned optimizer)
         best, sig = best_at(summaries, j)
         cells = []
         for i, s in enumerate(summaries):
@@ -251,7 +251,7 @@ def _report_lines(compare: CompareConfig, runs, summaries: list[ArmSummary], ada
             if n < len(compare.seeds) and text != "—":
                 text += f" ({n}/{len(compare.seeds)} seeds)"
             cells.append(f"**{text}**" if i == best and sig else text)
-        rows.append([f"{j}/{p}", _point_budget(compare, j), *cells,
+        rows.append([f"{j}/{p}" + (" (init)" if j == 0 else ""), _point_budget(compare, j), *cells,
                      _pm(adam["adam_mean_batch_loss"])])
     lines += ["## Held-out meta-objective along the budget", "", markdown_table(head, rows), ""]
     # Per arm and point: every field.

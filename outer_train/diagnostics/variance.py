@@ -284,7 +284,7 @@ def run_variance(
                     num_windows=windows, num_draws=section.num_draws,
                     num_finite=int(draws.finite.sum()),
                     num_nonfinite_unrolls=int(draws.num_nonfinite.sum()),
-                    meta_loss=float(np.nanmean(draws.meta_loss)),
+                    meta_loss=_finite_mean(draws.meta_loss),
                     inner_steps_per_draw=draws.inner_steps_per_draw,
                     seconds_per_draw=draws.seconds_per_draw,
                     compile_seconds=draws.compile_seconds,
@@ -294,6 +294,13 @@ def run_variance(
                 ))
     start = START_DESCRIPTIONS[section.start].format(n=section.warmup_steps)
     return VarianceResult(measurements, references, start, time.perf_counter() - t_start)
+
+
+def _finite_mean(x: np.ndarray) -> float:
+    """The mean of the finite entries of ``x``; NaN when there is none."""
+    x = np.asarray(x, np.float64)
+    finite = x[np.isfinite(x)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 def _windowed(program: DrawProgram) -> bool:

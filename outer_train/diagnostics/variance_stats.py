@@ -160,9 +160,18 @@ def gradient_stats(
     """
     g = np.asarray(grads, np.float64)
     r, p = g.shape
+    nan = float("nan")
+    if r == 0:  # every draw was non-finite: nothing to measure
+        empty = Interval(nan, nan, nan)
+        ref_norm = nan if reference is None else float(np.linalg.norm(reference))
+        return GradientStats(
+            num_draws=0, mean_norm=nan, total_variance=empty, median_snr=nan,
+            reference_norm=ref_norm, normalized_variance=empty, cosine=nan, cosine_stderr=nan,
+            bias=nan, bias_stderr=nan, bias_max_z=nan, bias_threshold=nan,
+            bias_significant=None,
+        )
     mean = g.mean(axis=0)
     std = g.std(axis=0, ddof=1) if r >= 2 else np.full(p, np.nan)
-    nan = float("nan")
     base = dict(
         num_draws=r,
         mean_norm=float(np.linalg.norm(mean)),

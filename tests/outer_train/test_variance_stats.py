@@ -118,3 +118,14 @@ def test_cosine_snr_and_normalized_variance_known_answers():
     assert s.normalized_variance.lo < 0.2 < s.normalized_variance.hi
     no_ref = gradient_stats(g)
     assert np.isnan(no_ref.cosine) and no_ref.bias_significant is None
+
+
+def test_no_finite_draw_gives_nan_statistics_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" from an empty set of draws
+        s = gradient_stats(np.zeros((0, 5)), np.ones(5), np.zeros(5))
+    assert s.num_draws == 0 and s.bias_significant is None
+    assert np.isnan(s.total_variance.value) and np.isnan(s.normalized_variance.value)
+    assert np.isnan(s.cosine) and s.reference_norm == pytest.approx(np.sqrt(5))
