@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from outer_train import run_dir
+
 
 def _not_a_nan_warning(record: logging.LogRecord) -> bool:
     return "NaN or Inf" not in record.getMessage()
@@ -101,9 +103,7 @@ def truncate_after(path: str | Path, outer_step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_records(path) if r["outer_step"] <= outer_step]
-    tmp = path.with_name(f".{path.name}.tmp")  # run_dir.LEFTOVERS removes it after a kill
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    run_dir.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))  # atomic
 
 
 def read_records(path: str | Path, kind: str | None = None) -> Iterator[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Arguments and setup that the diagnostic subcommands (surface, dynamics, variance) share.
+"""Arguments and setup the subcommands share: the diagnostics' job arguments (surface, dynamics,
+variance), ``--set`` (every config-driven command) and the process-group flags.
 
     learned-opt <name> [--config FILE] [--optimizer FILE.lopt] [--set k=v ...] [--out DIR]
 
@@ -23,11 +24,16 @@ def add_job_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--optimizer", type=Path, default=None, metavar="FILE.lopt",
                    help="a saved learned optimizer (theta and architecture; default: the init "
                         "of [lopt] from run.seed)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE",
-                   help=f"override one config key, e.g. --set {name}.seed=1 (repeatable)")
+    add_set_argument(p, f"{name}.seed=1")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable; into ``args.overrides``), every command's."""
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help=f"override one config key, e.g. --set {example} (repeatable)")
 
 
 def load_job(args: argparse.Namespace, name: str):

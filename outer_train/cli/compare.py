@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from outer_train.cli import common
+
 HELP = "compare outer estimators on one job at an equal budget (runs, report.md, results.csv)"
 EXAMPLE = "learned-opt compare configs/compare/quick.toml --out runs/compare_quick"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="TOML config: meta-training sections + [compare]")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE",
-                   help="override one config key, e.g. --set compare.seeds=[0] (repeatable)")
+    common.add_set_argument(p, "compare.seeds=[0]")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default runs/compare_<config name>)")
     p.add_argument("--resume", action="store_true",

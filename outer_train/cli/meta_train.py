@@ -39,9 +39,7 @@ EXAMPLE = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="TOML config file (default: the built-in default = configs/default.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE",
-                   help="override one config key, e.g. --set estimator.sigma=0.003 (repeatable)")
+    common.add_set_argument(p, "estimator.sigma=0.003")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default runs/meta_train_<estimator>_seed<seed>)")
     p.add_argument("--resume", action="store_true",
