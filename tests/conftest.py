@@ -1,4 +1,5 @@
-"""Shared fixtures. Every test session gets its own TFDS data dir: tests never touch the user's."""
+"""Shared fixtures. Every test session gets its own TFDS data dir and no persistent compilation
+cache (``learned-opt``'s, in the user's cache folder): tests never touch the user's files."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ def tfds_data_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TFDS_DATA_DIR", str(path))
         yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_compile_cache():
+    """``LEARNED_OPT_COMPILE_CACHE=off`` for the session: ``learned-opt`` commands run in the test
+    process or as subprocesses neither write to nor read from a cache folder."""
+    from outer_train.runtime import compile_cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(compile_cache.ENV_VAR, "off")
+        mp.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        yield
 
 
 @pytest.fixture(scope="session")

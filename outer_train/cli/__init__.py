@@ -3,8 +3,9 @@
 Each subcommand module exposes ``HELP`` (one line), ``EXAMPLE`` (one command line that runs
 with the shipped configs, shown under ``--help``), ``add_arguments(parser)`` and
 ``run(args) -> int``. ``main`` first applies the process settings (``outer_train.runtime``:
-XLA's CPU flags, the allocator), which must precede JAX's start, and only then imports the
-subcommand modules (which import JAX). ``learned-opt --version`` imports neither.
+XLA's CPU flags, the allocator, JAX's persistent compilation cache), which must precede JAX's
+start, and only then imports the subcommand modules (which import JAX). ``learned-opt
+--version`` imports neither.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import sys
 
 from outer_train import runtime
+from outer_train.runtime import compile_cache
 
 # Subcommands whose work is split over devices (particles): on CPU they get one XLA device per
 # core (``runtime.xla_cpu.split_host_into_devices``).
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     try:  # before anything imports JAX
         runtime.configure(split_host=selected in SPLIT_HOST)
+        compile_cache.configure()  # the command line's only: importing the library never does
     except runtime.SettingError as e:
         print(f"learned-opt: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Process settings that must be in place before JAX starts: XLA's CPU flags (``xla_cpu``) and
 glibc's allocator (``host_allocator``). Standard library only, so the command line and the
 benchmarks can apply them before anything imports JAX; in a script of your own, call
-``configure(split_host=...)`` first thing.
+``configure(split_host=...)`` first thing. JAX's persistent compilation cache
+(``compile_cache``) is the command line's alone: ``configure`` leaves it off.
 """
 
 from __future__ import annotations
