@@ -128,7 +128,7 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
     sec = compare.section
     saved = read_json(out_dir / PLAN_FILE)
     arms = saved.get("arms", {}) if saved.get("calibration_steps") == sec.calibration_steps else {}
-    changed = False
+    machine = saved.get("machine") if arms else None
     for arm in compare.arms:
         probe = _probe_config(compare, arm)
         entry = arms.get(arm.label)
@@ -142,11 +142,10 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
                    if r["outer_step"] > 1]  # step 1 compiles
         seconds = statistics.median(r["step_seconds"] for r in records)
         arms[arm.label] = {"seconds_per_outer_step": seconds, "config": probe.to_dict()}
-        changed = True
-    plan = {"budget_seconds": sec.budget_seconds, "calibration_steps": sec.calibration_steps,
-            "machine": saved.get("machine") if not changed else describe(), "arms": arms}
-    if changed:
-        write_json(out_dir / PLAN_FILE, plan)
+        machine = describe()
+        write_json(out_dir / PLAN_FILE, _plan(sec, machine, arms))  # saved per arm: a killed
+        # calibration re-measures only the arms it had not finished
+    plan = _plan(sec, machine, arms)
     compare = dataclasses.replace(compare, step_seconds={
         arm.label: arms[arm.label]["seconds_per_outer_step"] for arm in compare.arms})
     p = sec.num_budget_points
@@ -160,6 +159,11 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
                 f"{t * p:.3g} or lower num_budget_points"
             )
     return compare, plan
+
+
+def _plan(sec, machine: Any, arms: dict[str, Any]) -> dict[str, Any]:
+    return {"budget_seconds": sec.budget_seconds, "calibration_steps": sec.calibration_steps,
+            "machine": machine, "arms": arms}
 
 
 def _probe_config(compare: CompareConfig, arm) -> MetaTrainConfig:

@@ -309,6 +309,13 @@ def _interval(row: dict[str, Any], name: str) -> str:
     return fmt(value) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
 
 
+def _reference_cells(reference: dict[str, Any] | None) -> tuple[str, str]:
+    if not reference:
+        return ("—", "—")
+    return (f"{reference['num_finite']}/{reference['num_draws']}",
+            fmt(reference["relative_noise"]))
+
+
 def _stats_lines(compare: CompareConfig, summaries: list[ArmSummary],
                  stats: list[ArmStats]) -> list[str]:
     sec = compare.section
@@ -326,12 +333,8 @@ def _stats_lines(compare: CompareConfig, summaries: list[ArmSummary],
             _interval(r, "normalized_variance"), cosine, fmt(r["relative_variance"]),
             f"{r['num_finite']}/{r['num_draws']}", f"{r['inner_steps_per_draw']:,}",
             f"{compare.inner_steps_per_outer_step(s.arm):,}",
+            *_reference_cells(st.reference),
         ])
-    refs = {st.reference["estimator"]: st.reference for st in stats if st.reference}
-    ref_words = ", ".join(
-        f"{name}: {ref['num_finite']}/{ref['num_draws']} finite draws, own relative noise "
-        f"{fmt(ref['relative_noise'])} (the floor under every normalized variance)"
-        for name, ref in refs.items())
     lines = [
         "## Estimator statistics at each arm's final theta",
         "",
@@ -350,9 +353,12 @@ def _stats_lines(compare: CompareConfig, summaries: list[ArmSummary],
         lines += [markdown_table(
             ["arm", "theta", "T (W x K)", "normalized variance", "cosine to reference",
              "relative variance", "finite draws", "inner steps / draw",
-             "inner steps / outer step"], rows), ""]
-    if ref_words:
-        lines += [f"Reference: {ref_words}.", ""]
+             "inner steps / outer step", "reference finite draws",
+             "reference relative noise"], rows), ""]
+        lines += [f"The reference is measured at each arm's own theta. Its relative noise "
+                  f"(the variance of the mean of its {sec.stats_reference_draws} draws over "
+                  "its squared norm) is the floor under that row's normalized variance; a "
+                  "reference with no finite draw leaves the row without one.", ""]
     if notes:
         lines += [" ".join(notes), ""]
     return lines

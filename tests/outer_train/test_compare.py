@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -304,6 +305,54 @@ def test_a_seconds_budget_is_calibrated_once_and_reused(tmp_path, monkeypatch):
         compare.section, budget_seconds=1e-9))
     with pytest.raises(UserError, match=r"compare\.budget_seconds = 1e-09 gives fewer than"):
         compare_mod.calibrate(small, tmp_path, log=lambda s: None)
+
+
+def test_a_killed_seconds_budget_comparison_resumes_with_the_saved_plan(tmp_path, monkeypatch):
+    # Calibration is faked (0.25 s per outer step, so 1.0 s buys 4 outer steps per arm) to make
+    # the plan deterministic; the runs themselves are real.
+    data = _with(TINY, compare__budget="seconds", compare__budget_seconds=1.0,
+                 compare__calibration_steps=2, compare__estimator_stats=False)
+    base, compare = compare_config_from_dict(data)
+    real, calls, kill_at = compare_mod.meta_train, [], {"pes/calibration"}
+
+    def fake(config, out_dir, **kw):
+        name = Path(out_dir).relative_to(tmp_path).as_posix()
+        calls.append(name)
+        if name.endswith("/calibration"):
+            Path(out_dir).mkdir(parents=True)
+            (Path(out_dir) / "metrics.jsonl").write_text("".join(
+                json.dumps({"kind": "train", "outer_step": i, "step_seconds": 0.25}) + "\n"
+                for i in (1, 2, 3)))
+        if name in kill_at:
+            if not name.endswith("/calibration"):
+                real(config, out_dir, **kw, stop_after=2)
+            raise KeyboardInterrupt
+        if not name.endswith("/calibration"):
+            return real(config, out_dir, **kw)
+
+    monkeypatch.setattr(compare_mod, "meta_train", fake)
+    run = functools.partial(compare_mod.run_compare, base, compare, tmp_path, progress=False,
+                            log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):  # killed while calibrating the second arm
+        run()
+    assert calls == ["tbptt/calibration", "pes/calibration"]
+    assert set(json.loads((tmp_path / "budget_plan.json").read_text())["arms"]) == {"tbptt"}
+    calls.clear()
+    kill_at = {"pes/seed0"}  # then killed in the middle of a run
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=True)
+    assert calls == ["pes/calibration", "tbptt/seed0", "tbptt/seed1", "pes/seed0"]
+    plan = (tmp_path / "budget_plan.json").read_text()
+    calls.clear()
+    kill_at = set()
+    run(resume=True)
+    assert calls == ["pes/seed0", "pes/seed1"]  # no new calibration: the saved plan is used
+    assert (tmp_path / "budget_plan.json").read_text() == plan
+    for label in ("tbptt", "pes"):
+        for seed in (0, 1):
+            train = list(read_records(tmp_path / label / f"seed{seed}/metrics.jsonl", "train"))
+            assert train[-1]["outer_step"] == 4  # floor(1.0 / 0.25) outer steps
+    assert (tmp_path / "report.md").exists()
 
 
 def test_a_comparison_owns_its_folder(tmp_path, tiny_file):
