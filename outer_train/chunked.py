@@ -5,18 +5,15 @@ leaf of ``inputs`` and returns the concatenated outputs as host (NumPy) arrays, 
 been applied to all N rows at once (``fn`` must act on rows independently: output row i depends
 on input row i only).
 
-Why bounded: JAX dispatches jitted calls asynchronously. With several XLA CPU devices
-(``--xla_force_host_platform_device_count``), a few dozen to a few hundred multi-device calls
-queued without waiting for their results deadlock XLA's cross-device all-reduce: the
-rendezvous of one call waits for a device thread still busy with another, and XLA aborts the
-process after 40 s. Fetching each result (``jax.device_get``) before more than ``max_in_flight``
-calls are queued bounds the queue (``tests/outer_train/test_chunked.py`` runs > 100 such calls);
-two in flight still overlap the host's work (slicing, transfers) with the devices'.
+Why bounded: with several XLA CPU devices, an unbounded queue of multi-device calls deadlocks
+XLA's cross-device all-reduce (``in_flight`` says more). The calls go through
+``in_flight.bounded``, which fetches each result (``jax.device_get``) before more than
+``max_in_flight`` calls are queued; two in flight still overlap the host's work (slicing,
+transfers) with the devices'.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 from collections.abc import Callable
@@ -25,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from outer_train.in_flight import bounded
 
 
 def _num_rows(inputs: Any) -> int:
@@ -68,9 +67,9 @@ def map_chunks(
       once.
     chunk_size: rows per call; ceil(N / chunk_size) calls. The last chunk is padded to
       ``chunk_size`` rows by repeating its last row; the padded rows' outputs are dropped.
-    max_in_flight: at most this many calls are dispatched and not yet fetched: before a new call
-      is dispatched the oldest result is fetched with ``jax.device_get`` (the module docstring
-      says why: unbounded queues of multi-device calls deadlock XLA's CPU all-reduce).
+    max_in_flight: at most this many calls are dispatched and not yet fetched
+      (``in_flight.bounded``: the oldest result is fetched with ``jax.device_get`` first;
+      unbounded queues of multi-device calls deadlock XLA's CPU all-reduce).
     on_chunk: called as ``on_chunk(num_rows_done)`` (rows of ``inputs`` finished so far,
       padding excluded) after each fetch, in order -- e.g. to advance a progress bar.
 
@@ -81,32 +80,27 @@ def map_chunks(
     if max_in_flight < 1:
         raise ValueError(f"map_chunks: max_in_flight must be >= 1, got {max_in_flight}")
     n = _num_rows(inputs)
-    pending: collections.deque = collections.deque()  # (real rows, un-fetched output)
+
+    def calls():  # lazy: each next() slices one chunk and dispatches its call
+        for i in range(math.ceil(n / chunk_size)):
+            start, stop = i * chunk_size, min((i + 1) * chunk_size, n)
+            chunk = jax.tree.map(
+                functools.partial(_chunk, start=start, stop=stop, size=chunk_size), inputs
+            )
+            yield stop, fn(chunk)
+
     done: list[Any] = []
     rows_done = 0
-
-    def fetch_oldest():
-        nonlocal rows_done
-        rows, out = pending.popleft()
-        out = jax.device_get(out)
+    for stop, out in bounded(calls(), max_in_flight=max_in_flight):
         for x in jax.tree.leaves(out):
             if np.ndim(x) == 0 or np.shape(x)[0] != chunk_size:
                 raise ValueError(
                     f"map_chunks: every output leaf of fn needs leading axis chunk_size = "
                     f"{chunk_size}; got shape {np.shape(x)}"
                 )
-        done.append(jax.tree.map(lambda x: np.asarray(x)[:rows], out))
-        rows_done += rows
+        rows = stop - rows_done  # the real rows of this chunk, padding dropped
+        done.append(jax.tree.map(lambda x, rows=rows: np.asarray(x)[:rows], out))
+        rows_done = stop
         if on_chunk is not None:
             on_chunk(rows_done)
-
-    for i in range(math.ceil(n / chunk_size)):
-        start, stop = i * chunk_size, min((i + 1) * chunk_size, n)
-        chunk = jax.tree.map(functools.partial(_chunk, start=start, stop=stop, size=chunk_size),
-                             inputs)
-        while len(pending) >= max_in_flight:
-            fetch_oldest()
-        pending.append((stop - start, fn(chunk)))
-    while pending:
-        fetch_oldest()
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *done)

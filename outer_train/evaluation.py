@@ -30,6 +30,7 @@ import optax
 
 from learned_opt.base import LearnedOptimizer, Theta
 from learned_opt.errors import UserError
+from outer_train.in_flight import bounded
 from tasks.base import Task
 from tasks.train import TrainResult, check_schedule, train
 
@@ -75,7 +76,7 @@ def _mean_sem(x: np.ndarray) -> tuple[float, float]:
 
 
 def _stack(results: list[TrainResult]) -> Curves:
-    """Per-task TrainResults ([S, ...] leaves) -> Curves with a leading task axis."""
+    """Per-task TrainResults ([S, ...] leaves, fetched) -> Curves with a leading task axis."""
     c = [jax.device_get(r.curves) for r in results]
     return Curves(
         step=np.asarray(c[0].step[0]),
@@ -159,20 +160,22 @@ class HeldoutEvaluator:
 
     def learned(self, theta: Theta) -> Curves:
         """Curves of the learned optimizer with weights ``theta`` on every held-out task."""
-        return _stack([
-            train_learned(task, self.lopt, theta, self.seed_keys, self.num_steps,
-                          self.eval_every)
-            for task in self.tasks
-        ])
+        return _stack(list(bounded(
+            (train_learned(task, self.lopt, theta, self.seed_keys, self.num_steps,
+                           self.eval_every)
+             for task in self.tasks),
+            max_in_flight=2,
+        )))
 
     def adam(self) -> AdamBaseline:
         """Tuned Adam (trained once, then cached)."""
         if self._adam is None:
             lrs = jnp.asarray(self.adam_learning_rates, jnp.float32)
-            per_task = [
-                train_adam_grid(task, lrs, self.seed_keys, self.num_steps, self.eval_every)
-                for task in self.tasks
-            ]
+            per_task = list(bounded(
+                (train_adam_grid(task, lrs, self.seed_keys, self.num_steps, self.eval_every)
+                 for task in self.tasks),
+                max_in_flight=2,
+            ))
             grid = [
                 _stack([jax.tree.map(lambda x, i=i: x[i], r) for r in per_task])
                 for i in range(len(self.adam_learning_rates))

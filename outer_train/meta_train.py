@@ -45,6 +45,7 @@ from learned_opt.errors import UserError
 from outer_train import checkpoint, distributed, run_dir
 from outer_train.build import MetaTrainSetup, MetaTrainState, build, init_state
 from outer_train.config import MetaTrainConfig, to_toml
+from outer_train.in_flight import InFlight
 from outer_train.interrupt import Interrupted, StopRequest, stop_signals
 from outer_train.logging import MetricsLogger, NullLogger, truncate_after
 from outer_train.meta_loss import all_finite
@@ -383,6 +384,9 @@ def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
     window_t0, window_steps = time.perf_counter(), 0
     saved = start  # the newest checkpointed outer step (start: restored, or nothing done yet)
     stopping = False
+    # one step in flight: its metrics are fetched before the next step is dispatched (queued
+    # multi-device calls deadlock XLA's CPU all-reduce; in_flight), which also times it honestly
+    in_flight = InFlight(max_in_flight=1)
     try:
         for n in range(start, num_steps):
             if distributed.any_process(ctx.stop.requested):  # all stop at the same step
@@ -390,7 +394,7 @@ def _loop(ctx: _LoopContext, state: MetaTrainState, *, progress: bool,
                 break
             t0 = time.perf_counter()
             state, metrics = ctx.step_fn(ctx.estimators, state, ctx.outer_key)
-            metrics = jax.device_get(metrics)  # waits for the step: honest timings
+            (metrics,) = in_flight.put(metrics)  # waits for the step
             seconds = time.perf_counter() - t0
             window_steps += 1
             done = n + 1

@@ -80,6 +80,7 @@ from outer_train import unroll
 from outer_train.base import InnerProblem, PRNGKey, Theta
 from outer_train.diagnostics import jacobian
 from outer_train.diagnostics.surface import episode_keys, prefix_meta_losses
+from outer_train.in_flight import bounded
 
 # ---------------------------------------------------------------------------------------------
 # The optax baseline: a fixed optax optimizer as a (theta-free) learned optimizer
@@ -517,14 +518,17 @@ def compute_dynamics(
     done = 0
     per_seed = []
     seed_seconds = []
-    for i in range(num_seeds):
-        t_seed = time.perf_counter()
-        out = seed_dynamics(
-            problem, theta, resets[i], steps[i], tangents[i], powers[i],
-            jacobian_steps=jacobian_steps, num_vectors=num_vectors,
-            power_iterations=power_iterations, renorm_every=renorm_every,
-        )
-        per_seed.append(jax.tree.map(np.asarray, out))  # fetch: one call in flight
+
+    def calls():  # lazy: each next() dispatches one seed's call
+        for i in range(num_seeds):
+            yield time.perf_counter(), seed_dynamics(
+                problem, theta, resets[i], steps[i], tangents[i], powers[i],
+                jacobian_steps=jacobian_steps, num_vectors=num_vectors,
+                power_iterations=power_iterations, renorm_every=renorm_every,
+            )
+
+    for t_seed, out in bounded(calls(), max_in_flight=1):  # one call in flight
+        per_seed.append(jax.tree.map(np.asarray, out))
         seed_seconds.append(time.perf_counter() - t_seed)
         done += max_horizon
         if on_progress is not None:
