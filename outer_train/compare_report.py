@@ -103,6 +103,14 @@ def _band(ax, x, stat_list, label, color):
     ax.fill_between(x, mean - sem, mean + sem, color=color, alpha=0.2)
 
 
+def _log_scale_if_wide(ax, values: list[float]) -> None:
+    """A log y axis when the positive losses span more than 10x (one diverged arm would
+    otherwise flatten every other line onto the axis)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 10 * min(finite):
+        ax.set_yscale("log")
+
+
 def _plot_heldout(path: Path, summaries: list[ArmSummary], adam, x_key: str, xlabel: str):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -115,6 +123,7 @@ def _plot_heldout(path: Path, summaries: list[ArmSummary], adam, x_key: str, xla
             ax.axhline(mean, color="k", ls="--", lw=1, label="tuned Adam")
             if math.isfinite(sem):
                 ax.axhspan(mean - sem, mean + sem, color="k", alpha=0.08)
+        _log_scale_if_wide(ax, [st[f"learned_{field}"][0] for s in summaries for st in s.stats])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{name} (mean ± s.e. over seeds)")
         ax.legend(fontsize=8)
