@@ -4,6 +4,7 @@
     theta = lopt.init(jax.random.key(0))  # meta-parameters (a pytree)
     tx = lopt.opt_fn(theta)               # an optax.GradientTransformationExtraArgs
     save("lopt.lopt", lopt, theta); tx, lopt, theta = load("lopt.lopt")
+    tx, lopt, theta = pretrained("digits_pes_t200")   # shipped; pretrained.list(): their cards
 """
 
 from learned_opt.base import LearnedOptimizer, Theta
@@ -18,6 +19,7 @@ from learned_opt.hyper import (
 )
 from learned_opt.io import FORMAT_VERSION, LoadedOptimizer, load, save
 from learned_opt.mlp_lopt import MLPLOpt, MLPLOptState
+from learned_opt.zoo import PretrainedCard, pretrained
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,8 +33,10 @@ __all__ = [
     "LoadedOptimizer",
     "MLPLOpt",
     "MLPLOptState",
+    "PretrainedCard",
     "Theta",
     "UserError",
     "load",
+    "pretrained",
     "save",
 ]

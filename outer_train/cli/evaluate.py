@@ -2,6 +2,9 @@
 
     learned-opt eval --optimizer runs/x/learned_optimizer.lopt --task digits_mlp --steps 200
     learned-opt eval --optimizer runs/x/learned_optimizer.lopt --config runs/x/config.toml
+    learned-opt eval --optimizer pretrained:digits_pes_t200 --task digits_mlp_tanh
+
+``--optimizer pretrained:NAME`` takes a shipped optimizer (``learned_opt.pretrained``).
 
 Tasks: ``--task`` presets (repeatable; ``tasks.image_mlp.PRESETS``), or the held-out tasks of a
 meta-training config (``--config``: its task, or its family's held-out variants; ``--steps``
@@ -43,8 +46,9 @@ def _lrs(text: str) -> tuple[float, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tasks.image_mlp import PRESETS, STANDARD_PRESET
 
-    p.add_argument("--optimizer", type=Path, required=True,
-                   help="a learned optimizer file (learned_opt.save), e.g. from meta-train")
+    p.add_argument("--optimizer", required=True,
+                   help="a learned optimizer file (learned_opt.save), e.g. from meta-train, or "
+                   "pretrained:NAME for a shipped one (learned_opt.pretrained.names())")
     p.add_argument("--task", action="append", default=None,
                    help=f"task preset, repeatable: {', '.join(PRESETS)} "
                    f"(default {STANDARD_PRESET})")
@@ -81,13 +85,33 @@ def _tasks(args: argparse.Namespace):
     return tuple(preset(n) for n in (args.task or [STANDARD_PRESET])), DEFAULT_STEPS, DEFAULT_SEEDS
 
 
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def _load_optimizer(spec: str):
+    """``learned_opt.load`` of a file, or ``learned_opt.pretrained`` of ``pretrained:NAME``."""
+    import learned_opt
+
+    if spec.startswith(PRETRAINED_PREFIX):
+        return learned_opt.pretrained(spec[len(PRETRAINED_PREFIX):])
+    return learned_opt.load(spec)
+
+
 def run(args: argparse.Namespace) -> int:
     from outer_train import run_dir
 
-    if not args.optimizer.is_file():
-        what = "is a folder" if args.optimizer.is_dir() else "not found"
-        raise UserError(f"optimizer file {str(args.optimizer)!r} {what}")
-    out = args.out or Path("runs") / f"eval_{args.optimizer.stem}"
+    if args.optimizer.startswith(PRETRAINED_PREFIX):
+        from learned_opt import pretrained
+
+        pretrained.card(args.optimizer[len(PRETRAINED_PREFIX):])  # unknown: names the known
+        stem = args.optimizer[len(PRETRAINED_PREFIX):]
+    else:
+        path = Path(args.optimizer)
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "not found"
+            raise UserError(f"optimizer file {args.optimizer!r} {what}")
+        stem = path.stem
+    out = args.out or Path("runs") / f"eval_{stem}"
     with run_dir.claim(out):  # before any compute: a bad --out must not cost the results
         return _evaluate(args, out)
 
@@ -101,11 +125,10 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
 
     import jax
 
-    import learned_opt
     from outer_train import report
     from outer_train.evaluation import HeldoutEvaluator, eval_every_for
 
-    loaded = learned_opt.load(args.optimizer)
+    loaded = _load_optimizer(args.optimizer)
     evaluator = HeldoutEvaluator(
         tasks=tuple(tasks),
         lopt=loaded.optimizer,
