@@ -143,8 +143,8 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
         seconds = statistics.median(r["step_seconds"] for r in records)
         arms[arm.label] = {"seconds_per_outer_step": seconds, "config": probe.to_dict()}
         machine = describe()
-        write_json(out_dir / PLAN_FILE, _plan(sec, machine, arms))  # saved per arm: a killed
-        # calibration re-measures only the arms it had not finished
+        # Saved after each arm: a killed calibration re-measures only the arms it had not done.
+        write_json(out_dir / PLAN_FILE, _plan(sec, machine, arms))
     plan = _plan(sec, machine, arms)
     compare = dataclasses.replace(compare, step_seconds={
         arm.label: arms[arm.label]["seconds_per_outer_step"] for arm in compare.arms})
