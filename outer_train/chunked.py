@@ -7,9 +7,10 @@ on input row i only).
 
 Why bounded: with several XLA CPU devices, an unbounded queue of multi-device calls deadlocks
 XLA's cross-device all-reduce (``in_flight`` says more). The calls go through
-``in_flight.bounded``, which fetches each result (``jax.device_get``) before more than
-``max_in_flight`` calls are queued; two in flight still overlap the host's work (slicing,
-transfers) with the devices'.
+``in_flight.bounded``, which fetches each result (``placement.to_host``: across processes, a
+result split over their devices is gathered whole in each) before more than ``max_in_flight``
+calls are queued; two in flight still overlap the host's work (slicing, transfers) with the
+devices'.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def map_chunks(
     chunk_size: rows per call; ceil(N / chunk_size) calls. The last chunk is padded to
       ``chunk_size`` rows by repeating its last row; the padded rows' outputs are dropped.
     max_in_flight: at most this many calls are dispatched and not yet fetched
-      (``in_flight.bounded``: the oldest result is fetched with ``jax.device_get`` first;
+      (``in_flight.bounded``: the oldest result is fetched with ``placement.to_host`` first;
       unbounded queues of multi-device calls deadlock XLA's CPU all-reduce).
     on_chunk: called as ``on_chunk(num_rows_done)`` (rows of ``inputs`` finished so far,
       padding excluded) after each fetch, in order -- e.g. to advance a progress bar.

@@ -26,10 +26,20 @@ arm's first config (first rate, first seed) runs one compiling outer step and
 N = P floor(floor(S / t) / P) outer steps. The plan is saved and reused on resume, so every
 run stays a deterministic meta-training run; the report gives the planned and the measured
 training seconds.
+
+In a group of processes (``outer_train.distributed``) every process runs every run (each a
+``meta_train`` of the group) and the statistics; process 0 alone claims the folder and writes
+every file, and whatever is read from the folder -- which runs are done or continue from a
+checkpoint, the saved budget plan and the calibrated seconds, the statistics' cache and final
+thetas -- is process 0's, handed to the others (``distributed.from_writer``), so that every
+process runs the same runs. A run that fails with a ``UserError`` (a divergence: the same in
+every process) is recorded as failed; any other error ends the comparison in a group, since the
+processes may no longer be at the same point (``--resume`` continues it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import statistics
@@ -40,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from learned_opt.errors import UserError
-from outer_train import compare_report, compare_stats, run_dir
+from outer_train import compare_report, compare_stats, distributed, run_dir
 from outer_train.compare_results import (
     STATUS_FILE,
     RunResult,
@@ -62,9 +72,11 @@ PLAN_FILE = "budget_plan.json"
 
 @dataclasses.dataclass(frozen=True)
 class CompareResult:
+    """runs and report_path: () and None in a group's other processes (process 0 writes)."""
+
     out_dir: Path
     runs: tuple[RunResult, ...]
-    report_path: Path
+    report_path: Path | None
 
 
 def run_specs(compare: CompareConfig, out_dir: Path) -> list[RunSpec]:
@@ -87,33 +99,48 @@ def run_compare(base: MetaTrainConfig, compare: CompareConfig, out_dir: str | Pa
     """Runs every arm x rate x seed (skipping done runs with ``resume``), measures the arms'
     estimator statistics, then writes the report, holding ``out_dir`` (``run_dir.claim``).
     Raises ``UserError`` for an output directory holding another comparison without
-    ``resume``, or one that another live process holds."""
+    ``resume``, or one that another live process holds. In a group of processes every process
+    calls it alike; only process 0 writes and logs."""
     del base  # every run's config is complete in ``compare``
     out_dir = Path(out_dir)
-    if not resume and ((out_dir / CONFIG_FILE).exists()
-                       or any((out_dir / arm.label).exists() for arm in compare.arms)):
+    writer = distributed.is_writer()
+    if not writer:  # computes only: process 0 writes, logs and shows progress
+        log, progress = (lambda _: None), False
+    held = writer and not resume and (
+        (out_dir / CONFIG_FILE).exists()
+        or any((out_dir / arm.label).exists() for arm in compare.arms))
+    if distributed.from_writer(held):
         raise UserError(f"{out_dir} already holds a comparison; pass --resume to continue it "
                         "(finished runs are skipped), or choose another --out")
-    with run_dir.claim(out_dir, log=log):  # one comparison per folder (its runs lock theirs)
+    # one comparison per folder (its runs lock theirs)
+    claim = run_dir.claim(out_dir, log=log) if writer else contextlib.nullcontext()
+    with claim:
         return _run_all(compare, out_dir, raw_config, progress=progress, log=log)
 
 
 def _run_all(compare: CompareConfig, out_dir: Path, raw_config: dict[str, Any] | None, *,
              progress: bool, log: Callable[[str], None]) -> CompareResult:
-    write_json(out_dir / CONFIG_FILE, raw_config or {})
+    writer = distributed.is_writer()
+    if writer:
+        write_json(out_dir / CONFIG_FILE, raw_config or {})
     plan = None
     if compare.section.budget == "seconds":
         compare, plan = calibrate(compare, out_dir, log=log)
     specs = run_specs(compare, out_dir)
     for i, spec in enumerate(specs, 1):
         name = spec.directory.relative_to(out_dir)
-        done = _done_status(spec)
+        # process 0's folder decides for every process
+        done, resume = distributed.from_writer(
+            (_done_status(spec), (spec.directory / "checkpoints").exists()) if writer else None)
         if done is not None:
             log(f"[{i}/{len(specs)}] {name}: {done['status']} earlier, skipped")
             continue
         log(f"[{i}/{len(specs)}] {name}: {spec.config.run.num_outer_steps} outer steps "
             f"x {compare.inner_steps_per_outer_step(spec.arm)} inner steps")
-        _run_one(spec, progress=progress, log=log)
+        _run_one(spec, resume=resume, progress=progress, log=log)
+    if not writer:
+        compare_stats.measure(compare, None, log=log)  # computed with process 0
+        return CompareResult(out_dir, (), None)
     runs = tuple(collect_run(s, compare.section.num_budget_points) for s in specs)
     stats = compare_stats.measure(compare, summarize(compare, runs), log=log)
     report = compare_report.write_report(out_dir, compare, runs, stats, plan)
@@ -124,9 +151,11 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
               ) -> tuple[CompareConfig, dict[str, Any]]:
     """(the comparison with each arm's measured seconds per outer step, the plan) for a
     seconds budget (module docstring); a saved plan for the same arms is reused. Raises
-    ``UserError`` when an arm's outer step is too slow for one step per budget point."""
+    ``UserError`` when an arm's outer step is too slow for one step per budget point. In a
+    group, process 0's saved plan and measured seconds are every process's."""
     sec = compare.section
-    saved = read_json(out_dir / PLAN_FILE)
+    writer = distributed.is_writer()
+    saved = distributed.from_writer(read_json(out_dir / PLAN_FILE) if writer else None)
     arms = saved.get("arms", {}) if saved.get("calibration_steps") == sec.calibration_steps else {}
     machine = saved.get("machine") if arms else None
     for arm in compare.arms:
@@ -136,15 +165,15 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
             continue
         log(f"calibrating {arm.label}: 1 + {sec.calibration_steps} timed outer steps")
         directory = out_dir / arm.label / "calibration"
-        shutil.rmtree(directory, ignore_errors=True)  # a killed calibration starts over
+        if writer:
+            shutil.rmtree(directory, ignore_errors=True)  # a killed calibration starts over
+        distributed.barrier()  # the others look into the folder once it is cleared
         meta_train(probe, directory, evaluate=False, progress=False, log=lambda _: None)
-        records = [r for r in read_records(directory / "metrics.jsonl", "train")
-                   if r["outer_step"] > 1]  # step 1 compiles
-        seconds = statistics.median(r["step_seconds"] for r in records)
+        seconds = distributed.from_writer(_median_step_seconds(directory) if writer else None)
         arms[arm.label] = {"seconds_per_outer_step": seconds, "config": probe.to_dict()}
         machine = describe()
-        # Saved after each arm: a killed calibration re-measures only the arms it had not done.
-        write_json(out_dir / PLAN_FILE, _plan(sec, machine, arms))
+        if writer:  # saved after each arm: a killed calibration re-measures the others only
+            write_json(out_dir / PLAN_FILE, _plan(sec, machine, arms))
     plan = _plan(sec, machine, arms)
     compare = dataclasses.replace(compare, step_seconds={
         arm.label: arms[arm.label]["seconds_per_outer_step"] for arm in compare.arms})
@@ -159,6 +188,13 @@ def calibrate(compare: CompareConfig, out_dir: Path, *, log: Callable[[str], Non
                 f"{t * p:.3g} or lower num_budget_points"
             )
     return compare, plan
+
+
+def _median_step_seconds(directory: Path) -> float:
+    """The median step seconds of a calibration run's timed steps (step 1 compiles)."""
+    records = [r for r in read_records(directory / "metrics.jsonl", "train")
+               if r["outer_step"] > 1]
+    return statistics.median(r["step_seconds"] for r in records)
 
 
 def _plan(sec, machine: Any, arms: dict[str, Any]) -> dict[str, Any]:
@@ -177,11 +213,11 @@ def _probe_config(compare: CompareConfig, arm) -> MetaTrainConfig:
     )
 
 
-def _run_one(spec: RunSpec, *, progress: bool, log: Callable[[str], None]) -> None:
-    """One run (continued from its checkpoint if it has one); its status file after."""
+def _run_one(spec: RunSpec, *, resume: bool, progress: bool,
+             log: Callable[[str], None]) -> None:
+    """One run (``resume``: continued from its checkpoint); its status file after."""
     status = read_status(spec.directory)
     earlier = status.get("seconds", 0.0) if status.get("config") == spec.config.to_dict() else 0.0
-    resume = (spec.directory / "checkpoints").exists()
     t0 = time.perf_counter()
     try:
         result = meta_train(spec.config, spec.directory, resume=resume, progress=progress,
@@ -189,6 +225,8 @@ def _run_one(spec: RunSpec, *, progress: bool, log: Callable[[str], None]) -> No
     except KeyboardInterrupt:
         raise
     except Exception as e:  # recorded; the other runs go on
+        if distributed.process_count() > 1 and not isinstance(e, UserError):
+            raise  # maybe this process's alone: the others may be elsewhere in the run
         seconds = earlier + time.perf_counter() - t0
         kind = "" if isinstance(e, UserError) else f"{type(e).__name__}: "
         _write_status(spec, "failed", seconds, f"{kind}{e}",
@@ -202,6 +240,8 @@ def _run_one(spec: RunSpec, *, progress: bool, log: Callable[[str], None]) -> No
 
 def _write_status(spec: RunSpec, status: str, seconds: float, error: str = "",
                   trace: str = "") -> None:
+    if not distributed.is_writer():
+        return
     write_json(spec.directory / STATUS_FILE, {
         "status": status, "seconds": seconds, "error": error, "traceback": trace,
         "config": spec.config.to_dict(),

@@ -14,6 +14,11 @@ particle count and window count; the report gives the cost of both.
 
 Results are cached in ``<run>/estimator_stats.json`` with the study's settings, so a resumed
 comparison does not measure twice. The compiled reference program is shared by the arms.
+
+In a group of processes (``outer_train.distributed``) process 0 reads the runs, the caches and
+the final thetas and hands them to the others (``distributed.from_writer``); every process
+measures the arms to measure (the draws split over all their devices) and process 0 writes the
+caches.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from learned_opt.errors import UserError
+from outer_train import distributed
 from outer_train.compare_results import ArmSummary
 from outer_train.config.compare import CompareConfig
 from outer_train.diagnostics import outputs
@@ -48,59 +54,101 @@ class ArmStats(NamedTuple):
     reason: str = ""
 
 
-def measure(compare: CompareConfig, summaries: list[ArmSummary], *,
+class _Target(NamedTuple):
+    """An arm to measure: at the final theta of its run ``seed`` in ``directory``."""
+
+    label: str
+    seed: int
+    config: Any  # the run's MetaTrainConfig
+    section: Any  # its VarianceConfig (``CompareConfig.stats_section``)
+    directory: Path
+
+
+def measure(compare: CompareConfig, summaries: list[ArmSummary] | None, *,
             log: Callable[[str], None] = print) -> list[ArmStats]:
-    """The statistics of every arm (module docstring); cached per run directory."""
+    """The statistics of every arm (module docstring); cached per run directory. In a group of
+    processes every process calls it alike, the others with ``summaries`` None (process 0's are
+    used)."""
     if not compare.section.estimator_stats:
         return []
+    writer = distributed.is_writer()
+    plan = distributed.from_writer(_plan(compare, summaries) if writer else None)
+    shared: dict[str, Any] = {}  # one problem and one cache of compiled programs for all arms
+    out = []
+    for item in plan:
+        if isinstance(item, ArmStats):  # cached or not measured
+            out.append(item)
+            continue
+        log(f"estimator statistics of {item.label} at its final theta ({item.directory})")
+        stats = _measure_one(item.config, item.section, item.directory / OPTIMIZER_FILE, shared)
+        if writer:
+            outputs.write_json(item.directory / STATS_FILE, {
+                "settings": dataclasses.asdict(item.section), "seed": item.seed,
+                "measurement": stats.row, "reference": stats.reference,
+                "seconds": stats.seconds})
+        out.append(stats._replace(label=item.label, seed=item.seed))
+    return out
+
+
+def _plan(compare: CompareConfig, summaries: list[ArmSummary]) -> list[ArmStats | _Target]:
+    """Per arm, from the run directories: its statistics (cached, or why not measured) or the
+    run to measure."""
     first = summaries[0].arm.configs[0]
     if first.task.kind != "single":
         return [ArmStats(s.label, None, None, None, math.nan,
                          "not measured: the variance tool looks at one task, this comparison "
                          "meta-trains a family") for s in summaries]
-    shared: dict[str, Any] = {}  # one problem and one cache of compiled programs for all arms
-    out = []
+    plan: list[ArmStats | _Target] = []
     for s in summaries:
         run = next((r for r in s.runs if r.status == "finished"
                     and (r.spec.directory / OPTIMIZER_FILE).exists()), None)
         if run is None:
-            out.append(ArmStats(s.label, None, None, None, math.nan,
-                                "not measured: no seed finished"))
+            plan.append(ArmStats(s.label, None, None, None, math.nan,
+                                 "not measured: no seed finished"))
             continue
         section = compare.stats_section(s.arm)
-        cache = run.spec.directory / STATS_FILE
-        settings = dataclasses.asdict(section)
-        cached = outputs.read_json(cache)
-        if cached.get("settings") == json.loads(json.dumps(settings)):
-            out.append(ArmStats(s.label, run.spec.seed, cached["measurement"],
-                                cached["reference"], cached["seconds"]))
+        cached = outputs.read_json(run.spec.directory / STATS_FILE)
+        if cached.get("settings") == json.loads(json.dumps(dataclasses.asdict(section))):
+            plan.append(ArmStats(s.label, run.spec.seed, cached["measurement"],
+                                 cached["reference"], cached["seconds"]))
             continue
-        log(f"estimator statistics of {s.label} at its final theta ({run.spec.directory})")
-        stats = _measure_one(run.spec.config, section, run.spec.directory / OPTIMIZER_FILE,
-                             shared)
-        outputs.write_json(cache, {"settings": settings, "seed": run.spec.seed,
-                                   "measurement": stats.row, "reference": stats.reference,
-                                   "seconds": stats.seconds})
-        out.append(stats._replace(label=s.label, seed=run.spec.seed))
-    return out
+        plan.append(_Target(s.label, run.spec.seed, run.spec.config, section,
+                            run.spec.directory))
+    return plan
+
+
+def _read_optimizer(path: Path):
+    """(learned optimizer, theta) of a ``.lopt`` file, or the ``UserError`` reading it."""
+    from learned_opt import io
+
+    try:
+        loaded = io.load(path)
+    except UserError as e:
+        return e
+    return loaded.optimizer, loaded.theta
 
 
 def _measure_one(config, section, optimizer_path: Path, shared: dict[str, Any]) -> ArmStats:
-    from learned_opt import io
-    from outer_train.diagnostics.job import prepare
+    from outer_train.diagnostics.job import make_job
     from outer_train.diagnostics.variance import DrawPrograms, run_variance
     from outer_train.diagnostics.variance_report import reference_summary, row
 
     t0 = time.perf_counter()
+    # process 0 reads the file (the others' disks may not hold it); every process raises alike
+    read = distributed.from_writer(
+        _read_optimizer(optimizer_path) if distributed.is_writer() else None)
+    if isinstance(read, UserError):
+        raise read
+    lopt, theta = read
     if "job" not in shared:
-        shared["job"] = prepare("compare", config, section, optimizer_path)
+        source = f"file {optimizer_path} ({type(lopt).__name__}; [lopt] not used)"
+        shared["job"] = make_job("compare", config, section, lopt, theta, source)
         shared["programs"] = DrawPrograms(shared["job"].problem, shared["job"].mesh)
     job = shared["job"]
-    loaded = io.load(optimizer_path)
-    if type(loaded.optimizer) is not type(job.lopt):
-        raise UserError(f"{optimizer_path}: a {type(loaded.optimizer).__name__}, the other arms "
+    if type(lopt) is not type(job.lopt):
+        raise UserError(f"{optimizer_path}: a {type(lopt).__name__}, the other arms "
                         f"trained a {type(job.lopt).__name__}")
-    result = run_variance(job.problem, loaded.theta, None, section, mesh=job.mesh,
+    result = run_variance(job.problem, theta, None, section, mesh=job.mesh,
                           programs=shared["programs"])
     m, ref = result.measurements[0], result.references[0]
     return ArmStats("", None, outputs.jsonable(row(m)), outputs.jsonable(reference_summary(ref)),

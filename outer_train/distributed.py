@@ -1,12 +1,17 @@
 """Several cooperating processes running one program: JAX's multi-controller runtime.
 
 ``join`` starts ``jax.distributed`` (before anything else uses JAX's backends): every process
-runs the same meta-training program, ``jax.devices()`` then lists every process's devices, and
-``placement.particle_mesh`` splits the particle axis over all of them, so XLA reduces the mean
-meta-gradient across processes and every process computes the same update. On CPU the
+runs the same program (``learned-opt meta-train``, ``surface``, ``variance``, ``compare``:
+``cli.common.run_in_group``), ``jax.devices()`` then lists every process's devices, and
+``placement.particle_mesh`` splits the particles (surface points, variance draws) over all of
+them, so XLA reduces the mean meta-gradient across processes and every process computes the
+same update; sharded results are gathered in every process (``placement.to_host``). On CPU the
 cross-process collectives go through gloo (``jax_cpu_collectives_implementation``).
 ``is_writer()`` answers the one question the rest of the code asks: process 0 writes the files
 (metrics, TensorBoard, checkpoints, the ``.lopt`` file, the report); the others compute only.
+``from_writer(value)`` gives every process process 0's value of something only process 0 can
+know (what its disk holds: which runs of a comparison are done, a saved theta), so that every
+process takes the same decision and runs the same collectives.
 
 Faults: JAX's coordination service sees a process that stops sending heartbeats
 (``peer_timeout`` seconds) and ends the others; a process that dies outright closes its
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 import threading
 import time
+from typing import Any
 
 from learned_opt.errors import UserError
 
@@ -133,6 +140,33 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def from_writer(value: Any) -> Any:
+    """Process 0's ``value`` (any picklable object; the others' is ignored, pass None) in every
+    process, bit for bit: a collective (``multihost_utils.broadcast_one_to_all`` of its pickle,
+    its size first), every process must call it at the same point. Alone, ``value``."""
+    if process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(value) if is_writer() else b"", np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    if is_writer():
+        buffer[:] = data
+    # uint8 through a sum with the others' zeros: exact
+    return pickle.loads(multihost_utils.broadcast_one_to_all(buffer).tobytes())
+
+
+def barrier() -> None:
+    """Waits until every process of the group gets here (a collective); alone, returns."""
+    if process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("learned-opt barrier")
 
 
 def lost_processes(num_processes: int) -> list[int] | None:

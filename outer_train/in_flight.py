@@ -5,8 +5,11 @@ first one finishes. With several XLA CPU devices (``--xla_force_host_platform_de
 a few dozen multi-device calls queued this way deadlock XLA's cross-device all-reduce, async
 dispatch off or not: the rendezvous of one call waits for a device thread busy with another,
 and XLA aborts the process after 40 s. So every loop of this project that dispatches jitted
-calls fetches their outputs (``jax.device_get``) through this module, never letting more than
-``max_in_flight`` calls be outstanding:
+calls fetches their outputs through this module, never letting more than ``max_in_flight``
+calls be outstanding. A fetch is ``placement.to_host``: ``jax.device_get``, and in a group of
+processes (``outer_train.distributed``) an output sharded over several processes' devices is
+gathered whole in every process (a collective: every process fetches in the same order, as
+they run the same loop):
 
 * meta-training's outer loop (1: each step's metrics are fetched before the next step, which
   also makes its timings honest; ``compare`` runs its arms through this loop);
@@ -24,7 +27,7 @@ import collections
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-import jax
+from outer_train.placement import to_host
 
 T = TypeVar("T")
 
@@ -34,7 +37,7 @@ class InFlight:
 
     ``put(out)`` takes the output (a pytree of arrays, not yet fetched) of the call just
     dispatched and returns, oldest first, the outputs it fetched to keep the bound: host values
-    (``jax.device_get``) of the oldest calls, leaving ``max_in_flight - 1`` outstanding, so
+    (``placement.to_host``) of the oldest calls, leaving ``max_in_flight - 1`` outstanding, so
     at most ``max_in_flight`` are while the next call is dispatched. ``drain()`` fetches the
     rest. With ``max_in_flight = 1``, ``put`` returns ``[out]`` fetched: every call is waited
     for before the next is dispatched.
@@ -54,11 +57,11 @@ class InFlight:
         self._pending.append(out)
         fetched = []
         while len(self._pending) >= self.max_in_flight:
-            fetched.append(jax.device_get(self._pending.popleft()))
+            fetched.append(to_host(self._pending.popleft()))
         return fetched
 
     def drain(self) -> list[Any]:
-        fetched = [jax.device_get(out) for out in self._pending]
+        fetched = [to_host(out) for out in self._pending]
         self._pending.clear()
         return fetched
 
@@ -68,7 +71,7 @@ def bounded(outputs: Iterable[T], *, max_in_flight: int) -> Iterator[T]:
 
     ``outputs`` must be lazy -- each ``next()`` dispatches one call, as a generator expression
     ``(fn(x) for x in xs)`` does -- or the calls are all dispatched before the bound applies.
-    Each output is fetched (``jax.device_get``) before more than ``max_in_flight`` calls are
+    Each output is fetched (``placement.to_host``) before more than ``max_in_flight`` calls are
     outstanding (``InFlight``); the consumer gets it while the later calls run.
     """
     queue = InFlight(max_in_flight)

@@ -52,7 +52,7 @@ from outer_train.meta_loss import all_finite
 from outer_train.placement import mesh_scope, particle_mesh, place, to_host
 
 if TYPE_CHECKING:
-    from outer_train.evaluation import HeldoutEvaluator
+    from outer_train.evaluation import EvalResults, HeldoutEvaluator
 
 OPTIMIZER_FILE = "learned_optimizer.lopt"  # learned_opt.save format (a zip of .npy + JSON)
 _STOP_NOTICE = ("stopping after the current outer step, with a checkpoint; a second signal "
@@ -197,7 +197,7 @@ def _run(config: MetaTrainConfig, out_dir: Path, mesh: jax.sharding.Mesh | None,
          stop: StopRequest, *, resume: bool, progress: bool, evaluate: bool,
          stop_after: int | None, log: Callable[[str], None]) -> MetaTrainResult:
     """``meta_train`` in a folder it holds."""
-    from outer_train import evaluation
+    from outer_train import evaluation, generalization
 
     ckpt_dir = out_dir / "checkpoints"
     t_build = time.perf_counter()
@@ -215,6 +215,8 @@ def _run(config: MetaTrainConfig, out_dir: Path, mesh: jax.sharding.Mesh | None,
     if stop_after is not None:
         num_steps = min(num_steps, stop_after)
     evaluator = evaluation.HeldoutEvaluator.from_setup(setup) if evaluate else None
+    if evaluate:  # the generalization rows' data: if missing, fail before compute
+        generalization.load_tasks(generalization.run_plan(config))
     ctx = _LoopContext(
         setup, make_outer_step(setup.meta_opt), estimators, outer_key, num_steps,
         MetricsLogger(out_dir, purge_step=start) if writer else NullLogger(), ckpt_dir,
@@ -236,7 +238,7 @@ def _run(config: MetaTrainConfig, out_dir: Path, mesh: jax.sharding.Mesh | None,
             _evaluate(ctx, state, log, label="final")
     finally:
         ctx.logger.close()
-    return _write_outputs(setup, state, out_dir, evaluator, resumed_from)
+    return _write_outputs(setup, state, out_dir, evaluator, resumed_from, log=log)
 
 
 def _refuse_another_run(out_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
@@ -302,8 +304,10 @@ def _place(mesh: jax.sharding.Mesh | None, setup: MetaTrainSetup, state: MetaTra
 
 
 def _write_outputs(setup: MetaTrainSetup, state: MetaTrainState, out_dir: Path,
-                   evaluator: HeldoutEvaluator | None, resumed_from: int | None) -> MetaTrainResult:
-    """Saves the trained optimizer and, after a finished run with evaluation, the report."""
+                   evaluator: HeldoutEvaluator | None, resumed_from: int | None, *,
+                   log: Callable[[str], None]) -> MetaTrainResult:
+    """Saves the trained optimizer and, after a finished run with evaluation, the report with
+    the generalization rows (computed here, at the end: a resumed run has them too)."""
     from learned_opt.io import save
     from outer_train import report
 
@@ -311,14 +315,33 @@ def _write_outputs(setup: MetaTrainSetup, state: MetaTrainState, out_dir: Path,
     optimizer_path = out_dir / OPTIMIZER_FILE
     theta = to_host(state.theta)  # every process takes part; process 0 writes
     summary_path = None
+    results = rows = None
+    if evaluator is not None and int(state.outer_step) >= config.run.num_outer_steps:
+        # Every process computes the rows, as it does the held-out evaluation: the processes
+        # then reach ``distributed.leave`` together (its barrier waits 5 minutes at most).
+        results = evaluator.final_results()
+        rows = _generalization(setup, evaluator, results, theta, log)
     if not distributed.is_writer():
         return MetaTrainResult(state, out_dir, optimizer_path, summary_path, resumed_from)
     save(optimizer_path, setup.lopt, theta)
-    if evaluator is not None and int(state.outer_step) >= config.run.num_outer_steps:
+    if results is not None:
         summary_path = report.write_meta_train_report(
-            out_dir, config, evaluator.final_results(), resumed_from=resumed_from
-        )
+            out_dir, config, results, resumed_from=resumed_from, generalization=rows)
     return MetaTrainResult(state, out_dir, optimizer_path, summary_path, resumed_from)
+
+
+def _generalization(setup: MetaTrainSetup, evaluator: HeldoutEvaluator, results: EvalResults,
+                    theta: Any, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """generalization.json's document of the final theta (None without rows), on the final
+    evaluation's held-out seeds."""
+    from outer_train import generalization
+
+    doc = generalization.evaluate_run(setup.config, setup.lopt, theta,
+                                      seed_keys=evaluator.seed_keys,
+                                      outer_step=results.outer_step, log=log)
+    if doc is not None:
+        log(f"generalization: {len(doc['rows'])} rows in {doc['seconds']:.1f} s")
+    return doc
 
 
 def _evaluate(ctx: _LoopContext, state: MetaTrainState, log: Callable[[str], None], *,

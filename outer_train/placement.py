@@ -61,8 +61,14 @@ def place(mesh: jax.sharding.Mesh | None, *, particles: Any, replicated: Any) ->
     if mesh is None:
         return particles, replicated
     everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return shard_particles(particles, mesh), jax.tree.map(lambda x: _put(x, everywhere),
-                                                          replicated)
+    return shard_particles(particles, mesh), put(replicated, everywhere)
+
+
+def put(tree: Any, sharding: jax.sharding.NamedSharding) -> Any:
+    """``tree`` (the same value in every process) placed with ``sharding``, leaf by leaf:
+    ``jax.device_put`` alone; across processes each process builds its own shards from its copy,
+    PRNG keys included (``jax.device_put`` refuses keys for a sharding of several processes)."""
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
 
 
 def _is_key(x) -> bool:

@@ -10,19 +10,13 @@ writes ``learned_opt/pretrained_data/<name>.lopt`` and ``<name>.json`` (read by
   seeds) at the trained horizon T and at each ``--multiples`` x T (default 1, 2, 5);
 * each ``--variant`` task preset (default: the other digits presets) at T.
 
-Every row trains the learned optimizer and Adam at each rate of ``--adam-lrs`` (default 9
-log-spaced values, 1e-3 .. 1e-1) from the same ``--seeds`` seeds (``jax.random.split(
-jax.random.key(--seed), --seeds)``, a root key meta-training never uses: ``--seed`` must differ
-from the config's ``run.seed``), exactly as ``learned-opt eval`` does (``HeldoutEvaluator``):
-Adam's rate is chosen per row by the lowest mean train-batch loss on that row's own runs
-(favouring Adam). Per optimizer: mean ± standard error over tasks x seeds of the meta-objective
-(mean train-batch loss over the run), final valid loss and accuracy. Verdicts, from the paired
-differences (common seeds) and their standard error:
-
-* ``beats_adam``: Adam's meta-objective minus the learned one's > 2 s.e. of the difference;
-* ``valid_no_worse``: the learned final valid loss minus Adam's <= 2 s.e. of the difference;
-* ``diverged``: some run's training batch losses or whole-split train losses are non-finite or
-  exceed 10x its initial (step 0) train loss; the row's verdict then says "diverged".
+Every row is a ``outer_train.generalization`` row: the learned optimizer and Adam at each rate
+of ``--adam-lrs`` (default 9 log-spaced values, 1e-3 .. 1e-1) from the same ``--seeds`` seeds
+(``jax.random.split(jax.random.key(--seed), --seeds)``, a root key meta-training never uses:
+``--seed`` must differ from the config's ``run.seed``), exactly as ``learned-opt eval`` does
+(``HeldoutEvaluator``); Adam's rate chosen per row by the lowest mean train-batch loss on that
+row's own runs (favouring Adam); mean ± standard error over tasks x seeds; the 2-standard-error
+verdicts of ``generalization.verdict`` (``beats_adam``, ``valid_no_worse``, ``diverged``).
 
 Each row also records reference numbers on the first seed alone: the first task trained from
 ``seed_keys[:1]`` with the learned optimizer and with Adam at the chosen rate, vmapped over that
@@ -32,99 +26,26 @@ one seed (what ``tests/test_pretrained.py`` recomputes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import platform
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from outer_train import generalization
+from outer_train.generalization import default_adam_lrs, task_label, task_record
+
 DEFAULT_SEED = 1000
 DEFAULT_SEEDS = 8
 DEFAULT_MULTIPLES = (1, 2, 5)
 DEFAULT_CURVE_EVERY = 10
-DIVERGENCE_FACTOR = 10.0
-
-
-def default_adam_lrs() -> tuple[float, ...]:
-    """9 log-spaced learning rates from 1e-3 to 1e-1 (rounded to 4 significant digits)."""
-    return tuple(float(f"{10 ** (-3 + i / 4):.4g}") for i in range(9))
-
-
-def heldout_task_configs(config) -> list:
-    """The ``ImageMLPConfig``s of a meta-training config's held-out tasks, in the order
-    ``outer_train.build.make_tasks`` builds them."""
-    import jax
-
-    from outer_train.build import run_keys
-
-    if config.task.kind != "family":
-        return [config.task_config()]
-    family = config.make_family()
-    configs = family.heldout_variants()
-    n = min(config.eval.num_heldout_tasks, len(configs))
-    order = jax.random.permutation(run_keys(config.run.seed).heldout_tasks, len(configs))[:n]
-    return [configs[int(i)] for i in order]
-
-
-def task_label(task_config) -> str:
-    """The preset name of a task config if it is one, else its ``name``."""
-    from tasks.image_mlp import PRESETS
-
-    return next((k for k, v in PRESETS.items() if v == task_config), task_config.name)
-
-
-def task_record(task_config) -> dict[str, Any]:
-    """JSON of a task: its label and ``ImageMLPConfig`` fields (``ImageMLPConfig(**config)``)."""
-    return {"label": task_label(task_config), "config": dataclasses.asdict(task_config)}
 
 
 def task_from_record(record: dict[str, Any]):
     from tasks.image_mlp import ImageMLPConfig, make_task
 
     return make_task(ImageMLPConfig(**record["config"]))
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def _pair(mean: float, sem: float) -> list[float | None]:
-    return [_finite(mean), _finite(sem)]
-
-
-def _paired(a, b) -> tuple[float, float]:
-    """(mean, standard error) of a - b over runs (tasks x seeds)."""
-    import numpy as np
-
-    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(-1)
-    sem = d.std(ddof=1) / math.sqrt(d.size) if d.size > 1 else math.nan
-    return float(d.mean()), float(sem)
-
-
-def diverged_runs(curves) -> int:
-    """Runs whose batch or whole-split train losses are non-finite or > 10x the step-0 loss."""
-    import numpy as np
-
-    init = curves.train_loss[..., :1]
-    bad = (~np.isfinite(curves.batch_loss).all(axis=-1)
-           | ~np.isfinite(curves.train_loss).all(axis=-1)
-           | (curves.batch_loss > DIVERGENCE_FACTOR * init).any(axis=-1)
-           | (curves.train_loss > DIVERGENCE_FACTOR * init).any(axis=-1))
-    return int(bad.sum())
-
-
-def _side(curves) -> dict[str, Any]:
-    s = curves.summary()
-    return {
-        "mean_batch_loss": _pair(*s["mean_batch_loss"]),
-        "final_valid_loss": _pair(*s["final_valid_loss"]),
-        "final_valid_accuracy": _pair(*s["final_valid_accuracy"]),
-        "final_train_loss": _pair(*s["final_train_loss"]),
-        "diverged_runs": diverged_runs(curves),
-    }
 
 
 def one_seed_numbers(result) -> dict[str, float]:
@@ -159,42 +80,20 @@ def reference_runs(task, lopt, theta, seed_keys, num_steps: int, eval_every: int
 def evaluate_row(setting: str, task_configs: list, lopt, theta, *, num_steps: int,
                  seed: int, num_seeds: int, adam_lrs: tuple[float, ...],
                  curve_every: int) -> dict[str, Any]:
-    """One card row (see the module docstring)."""
+    """One card row: ``generalization.row`` on the card's seeds, with the one-seed reference
+    runs and the ``learned-opt eval`` command that recomputes it (see the module docstring)."""
     import jax
 
-    from outer_train.evaluation import HeldoutEvaluator, eval_every_for
-    from tasks.image_mlp import make_task
+    from tasks.image_mlp import PRESETS, make_task
 
-    tasks = tuple(make_task(c) for c in task_configs)
     seed_keys = jax.random.split(jax.random.key(seed), num_seeds)
-    eval_every = eval_every_for(num_steps, curve_every)
-    evaluator = HeldoutEvaluator(
-        tasks=tasks, lopt=lopt, seed_keys=seed_keys, num_steps=num_steps,
-        eval_every=eval_every, adam_learning_rates=adam_lrs,
-    )
-    learned = evaluator.learned(theta)
-    adam = evaluator.adam()
-    lo, ad = _side(learned), _side(adam.curves)
-    ad["learning_rate"] = adam.learning_rate
-    ad["grid_objective"] = [_finite(v) for v in adam.grid_objective]
-    gain = _paired(adam.curves.batch_loss.mean(-1), learned.batch_loss.mean(-1))
-    valid_gap = _paired(learned.valid_loss[..., -1], adam.curves.valid_loss[..., -1])
-    diverged = lo["diverged_runs"] > 0
-    beats = bool(not diverged and gain[0] > 2 * gain[1])
-    no_worse = bool(not diverged and valid_gap[0] <= 2 * valid_gap[1])
-    if diverged:
-        verdict = f"diverged ({lo['diverged_runs']} of {learned.batch_loss[..., 0].size} runs)"
-    elif beats and no_worse:
-        verdict = "beats Adam"
-    elif beats:
-        verdict = "lower meta-objective, worse valid loss"
-    elif gain[0] < -2 * gain[1]:
-        verdict = "worse than Adam"
-    else:
-        verdict = "within 2 s.e. of Adam"
-    labels = [task_label(c) for c in task_configs]
-    reference = reference_runs(tasks[0], lopt, theta, seed_keys, num_steps, eval_every,
-                               adam.learning_rate)
+    ((learned, adam, eval_every),) = generalization.train_rows(
+        task_configs, lopt, theta, steps=[num_steps], seed_keys=seed_keys, adam_lrs=adam_lrs,
+        curve_every=curve_every)
+    out = generalization.row(setting, task_configs, learned, adam, num_steps=num_steps,
+                             eval_every=eval_every)
+    reference = reference_runs(make_task(task_configs[0]), lopt, theta, seed_keys, num_steps,
+                               eval_every, adam.learning_rate)
     reference.update(
         task=task_record(task_configs[0]), seed=seed, num_seeds=num_seeds, seed_index=0,
         num_steps=num_steps, eval_every=eval_every, adam_learning_rate=adam.learning_rate,
@@ -202,8 +101,7 @@ def evaluate_row(setting: str, task_configs: list, lopt, theta, *, num_steps: in
         in_row={"learned": float(learned.batch_loss[0, 0].mean()),
                 "adam": float(adam.curves.batch_loss[0, 0].mean())},
     )
-    from tasks.image_mlp import PRESETS
-
+    labels = out["task_labels"]
     eval_command = None
     if all(label in PRESETS for label in labels):
         eval_command = (
@@ -212,34 +110,7 @@ def evaluate_row(setting: str, task_configs: list, lopt, theta, *, num_steps: in
             + f" --steps {num_steps} --seeds {num_seeds} --seed {seed} --adam-lrs "
             + ",".join(f"{lr:g}" for lr in adam_lrs) + f" --curve-every {curve_every}"
         )
-    return {
-        "setting": setting,
-        "tasks": [task_record(c) for c in task_configs],
-        "task_labels": labels,
-        "num_steps": num_steps,
-        "eval_every": eval_every,
-        "learned": lo,
-        "adam": ad,
-        "meta_objective_gain": _pair(*gain),  # Adam minus learned (paired); > 0: learned lower
-        "final_valid_loss_gap": _pair(*valid_gap),  # learned minus Adam (paired)
-        "beats_adam": beats,
-        "valid_no_worse": no_worse,
-        "diverged": diverged,
-        "verdict": verdict,
-        "reference": reference,
-        "eval_command": eval_command,
-    }
-
-
-def default_variants(config) -> list[str]:
-    """The digits presets other than the trained task (single-task configs on digits)."""
-    from tasks.image_mlp import PRESETS
-
-    if config.task.kind == "family":
-        return []
-    trained = config.task_config()
-    return [k for k, v in PRESETS.items()
-            if v.dataset == trained.dataset and v != trained]
+    return {**out, "reference": reference, "eval_command": eval_command}
 
 
 def _cpu() -> str:
@@ -270,25 +141,21 @@ def make_card(args: argparse.Namespace, command: str) -> dict[str, Any]:
     expected = make_lopt(config.lopt)
     if (loaded.optimizer.name, loaded.optimizer.config()) != (expected.name, expected.config()):
         raise UserError(f"{args.optimizer} is not the [lopt] of {args.config}")
-    horizon = config.estimator.horizon
-    if isinstance(horizon, tuple):
-        horizon = max(horizon)
-    variants = args.variant if args.variant is not None else default_variants(config)
+    horizon = generalization.trained_horizon(config)
+    variants = (args.variant if args.variant is not None
+                else generalization.default_variants(config))
     for v in variants:
         if v not in PRESETS:
             raise UserError(f"unknown --variant {v!r}; presets: {', '.join(PRESETS)}")
     common = dict(seed=args.seed, num_seeds=args.seeds, adam_lrs=tuple(args.adam_lrs),
                   curve_every=args.curve_every)
-    trained = heldout_task_configs(config)
-    what = "trained task" if config.task.kind != "family" else "held-out family variants"
+    trained = generalization.heldout_task_configs(config)
     rows = []
-    plan = [(f"{what}, {m}T" if m != 1 else f"{what}, T", trained, m * horizon)
-            for m in args.multiples]
-    plan += [("held-out variant, T", [PRESETS[v]], horizon) for v in variants]
+    plan = generalization.plan(config, args.multiples, variants)
     for setting, configs, steps in plan:
         print(f"[{len(rows) + 1}/{len(plan)}] {setting}: "
               f"{', '.join(task_label(c) for c in configs)}, {steps} steps", flush=True)
-        row = evaluate_row(setting, configs, loaded.optimizer, loaded.theta, num_steps=steps,
+        row = evaluate_row(setting, list(configs), loaded.optimizer, loaded.theta, num_steps=steps,
                            **common)
         if row["eval_command"]:
             row["eval_command"] = row["eval_command"].format(name=args.name)
@@ -316,10 +183,11 @@ def make_card(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "num_seeds": args.seeds,
             "seed_keys": "jax.random.split(jax.random.key(seed), num_seeds)",
             "adam_learning_rates": list(args.adam_lrs),
-            "adam_tuning": "per row, lowest mean train-batch loss on the row's own runs",
-            "objective": "mean train-batch loss over the run",
+            "adam_tuning": generalization.ADAM_TUNING,
+            "objective": generalization.OBJECTIVE,
             "curve_every": args.curve_every,
-            "divergence": f"non-finite or > {DIVERGENCE_FACTOR:g}x the step-0 train loss",
+            "divergence": f"non-finite or > {generalization.DIVERGENCE_FACTOR:g}x the step-0 "
+                          "train loss",
             "command": command,
             "cpu": _cpu(),
             "jax": jax.__version__,

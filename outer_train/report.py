@@ -8,7 +8,9 @@ Files written into the output directory:
   inner step; mean over tasks x seeds, band = one standard error): learned optimizer at its
   initialization and after meta-training, and tuned Adam;
 * ``heldout_curves.json`` -- the numbers behind that plot;
-* ``summary.md`` -- the final table (mean +- standard error over tasks x seeds).
+* ``summary.md`` -- the final table (mean +- standard error over tasks x seeds) and, for a
+  meta-training run, the generalization table (``outer_train.generalization``);
+* ``generalization.json`` -- the numbers behind that table.
 """
 
 from __future__ import annotations
@@ -184,8 +186,13 @@ def _train_stats(metrics_path: Path) -> dict[str, Any]:
 
 
 def write_meta_train_report(out_dir: str | Path, config, results: EvalResults, *,
-                            resumed_from: int | None = None) -> Path:
-    """Plots, curves JSON and summary.md of a finished meta-training run; returns summary.md."""
+                            resumed_from: int | None = None,
+                            generalization: dict[str, Any] | None = None) -> Path:
+    """Plots, curves JSON and summary.md of a finished meta-training run; returns summary.md.
+
+    ``generalization``: the run's document from ``outer_train.generalization.evaluate_run``
+    (None: none made), written to generalization.json and as summary.md's generalization
+    section."""
     from outer_train.config import to_toml
 
     out_dir = Path(out_dir)
@@ -215,6 +222,7 @@ def write_meta_train_report(out_dir: str | Path, config, results: EvalResults, *
         "(this favours Adam).",
         "",
         *_results_sections(results, objective, "Held-out results"),
+        *_generalization_section(out_dir, generalization),
         "![meta-training](meta_training.png)",
         "",
         "![held-out curves](heldout_curves.png)",
@@ -229,6 +237,34 @@ def write_meta_train_report(out_dir: str | Path, config, results: EvalResults, *
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _generalization_section(out_dir: Path, doc: dict[str, Any] | None) -> list[str]:
+    """Writes generalization.json (atomically) and returns its summary.md section; [] and no
+    file without ``doc``."""
+    from learned_opt.zoo import heldout_table
+    from outer_train import generalization, run_dir
+
+    if doc is None:
+        return []
+    run_dir.write_text(out_dir / generalization.FILE, json.dumps(doc, indent=1) + "\n")
+    grid = ", ".join(f"{lr:g}" for lr in doc["adam_learning_rates"])
+    return [
+        "## Generalization (against Adam tuned per row)",
+        "",
+        f"Past the trained setting: the held-out tasks at multiples of the trained horizon T = "
+        f"{doc['horizon']} inner steps, and other tasks at T; {doc['num_seeds']} held-out seeds "
+        "per task, never used in meta-training (mean ± standard error over tasks x seeds). "
+        f"Adam's learning rate is tuned per row over {{{grid}}} by the {doc['objective']} on "
+        "that row's own runs (this favours Adam). Verdicts compare the paired differences "
+        "over common seeds with 2 standard errors. A verdict of \"diverged\" means the learned "
+        "optimizer blows up past its horizon (or on that task): some run's loss is non-finite "
+        f"or above {generalization.DIVERGENCE_FACTOR:g}x its step-0 loss. The numbers: "
+        f"`{generalization.FILE}`.",
+        "",
+        heldout_table(doc["rows"]),
+        "",
+    ]
 
 
 def _results_sections(results: EvalResults, objective: str, title: str) -> list[str]:

@@ -8,13 +8,16 @@ defaults for every key left out; configs/diagnostics/ has examples). ``--optimiz
 saved learned optimizer instead of the init. The output directory defaults to
 ``runs/<name>_<lopt>_seed<section seed>``.
 
-``add_process_group_arguments`` / ``process_group``: the flags that run a command as one of N
-cooperating processes (``outer_train.distributed``).
+``add_process_group_arguments`` / ``process_group`` / ``run_in_group``: the flags that run a
+command (meta-train, surface, variance, compare) as one of N cooperating processes
+(``outer_train.distributed``), and the one wrapper that joins the group, runs the command and
+leaves it.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -38,9 +41,9 @@ def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
 
 def load_job(args: argparse.Namespace, name: str):
     """(job, output directory) of the parsed arguments; the config is validated, the optimizer
-    file read and the output folder checked and created (``run_dir.prepare``) before any
-    compute."""
-    from outer_train import run_dir
+    file read and the output folder checked and created (``run_dir.prepare``; by process 0
+    alone in a group) before any compute."""
+    from outer_train import distributed, run_dir
     from outer_train.config.diagnostics import load_diagnostic_config
     from outer_train.diagnostics.job import prepare
     from outer_train.diagnostics.outputs import command_line
@@ -49,7 +52,9 @@ def load_job(args: argparse.Namespace, name: str):
     job = prepare(name, config, section, args.optimizer,
                   command=command_line(getattr(args, "argv", None)))
     tag = args.optimizer.stem if args.optimizer is not None else config.lopt.name
-    out = run_dir.prepare(args.out or Path("runs") / f"{name}_{tag}_seed{section.seed}")
+    out = args.out or Path("runs") / f"{name}_{tag}_seed{section.seed}"
+    if distributed.is_writer():  # the others write nothing
+        out = run_dir.prepare(out)
     return job, out
 
 
@@ -59,10 +64,10 @@ def add_process_group_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group(
         "several processes (jax.distributed)",
-        "run as one of N cooperating processes, the particles split over all their devices; "
-        "process 0 writes the files. Start every process with the same command and its own "
-        "--process-id, or let JAX read them from the environment (SLURM, Open MPI, ...) with "
-        "--distributed")
+        "run as one of N cooperating processes, the particles (points, draws) split over all "
+        "their devices; process 0 writes the files. Start every process with the same command "
+        "and its own --process-id, or let JAX read them from the environment (SLURM, Open MPI, "
+        "...) with --distributed")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="where process 0 listens and the others connect")
     g.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -87,3 +92,24 @@ def process_group(args: argparse.Namespace):
     if not args.distributed and all(x is None for x in given):
         return None
     return ProcessGroup(*given, peer_timeout=args.peer_timeout)
+
+
+def run_in_group(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
+    """``run(args)``'s exit status; in the process group the flags ask for (``process_group``),
+    joined before ``run`` asks JAX for devices and left after it. When ``run`` raises, this
+    process stops watching its peers (they see it go and stop) and, if a lost process explains
+    the error, names it and exits with ``distributed.EXIT_PEER_LOST``; else the error goes on."""
+    from outer_train import distributed
+
+    group = process_group(args)
+    if group is None:
+        return run(args)
+    distributed.join(group)  # before anything asks JAX for devices
+    try:
+        code = run(args)
+    except BaseException as e:
+        distributed.stop_watching()  # this process ends; the others see it go and stop
+        distributed.exit_if_lost(e)  # a lost process explains the error: name it, exit 75
+        raise
+    distributed.leave()
+    return code

@@ -9,6 +9,12 @@ The config (base meta-training sections + ``[compare]``, ``outer_train.config.co
 validated before any compute; ``--set`` may name any section, ``compare`` included (not
 ``compare.arms``: edit the file). With ``--resume`` finished and failed runs are skipped and a
 killed one continues from its newest checkpoint.
+
+With ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed``) it runs
+as one of N cooperating processes (``outer_train.distributed``; ``run.devices`` must be 0): each
+run's particles and the statistics' draws are split over every process's devices, process 0
+writes every file (what is done on ``--resume`` is what its folder shows) and prints, and a lost
+process stops the others (exit status 75), as ``learned-opt meta-train`` does.
 """
 
 from __future__ import annotations
@@ -30,9 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the comparison in --out: skip done runs, continue a killed one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_process_group_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    return common.run_in_group(args, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
     from outer_train.config import apply_overrides, load_toml
     from outer_train.config.compare import compare_config_from_dict
 
@@ -49,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"compare interrupted; continue with: learned-opt compare {args.config} --out "
               f"{out} --resume")
         return getattr(e, "exit_code", 130)
+    if result.report_path is None:  # a group's other processes: process 0 reports
+        return 0
     print(f"report: {result.report_path}")
     text = result.report_path.read_text()
     start = text.index("## Held-out meta-objective")

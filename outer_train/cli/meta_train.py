@@ -14,7 +14,8 @@ run from outer step 0 and says so, so one command both starts and continues a ru
 With ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed``, from
 the environment) it runs as one of N cooperating processes (``outer_train.distributed``): the
 particles are split over every process's devices, process 0 writes the files, and a lost
-process stops the others within ``--peer-timeout`` seconds (exit status 75).
+process stops the others within ``--peer-timeout`` seconds (exit status 75;
+``common.run_in_group``).
 
 One process at a time owns ``--out`` (``outer_train.run_dir``). Ctrl-C or SIGTERM stops the run
 after the current outer step with a checkpoint (exit status 130 / 143) and prints the command
@@ -54,20 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outer_train import distributed
-
-    group = common.process_group(args)
-    if group is None:
-        return _run(args)
-    distributed.join(group)  # before anything asks JAX for devices
-    try:
-        code = _run(args)
-    except BaseException as e:
-        distributed.stop_watching()  # this process ends; the others see it go and stop
-        distributed.exit_if_lost(e)  # a lost process explains the error: name it, exit 75
-        raise
-    distributed.leave()
-    return code
+    return common.run_in_group(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -7,13 +7,18 @@
 Writes surface.png, surface.csv, surface.json and summary.md into ``--out``
 (``outer_train.diagnostics.surface_report``); the config's ``[surface]`` keys are documented in
 ``outer_train.config.diagnostics.SurfaceConfig``.
+
+With ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed``) it runs
+as one of N cooperating processes (``outer_train.distributed``): the points are split over every
+process's devices, process 0 writes the files and prints, and a lost process stops the others
+(exit status 75), as ``learned-opt meta-train`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from outer_train.cli.common import add_job_arguments, load_job
+from outer_train.cli import common
 
 HELP = "the meta-loss on a slice through theta vs unroll length: raw, smoothed, roughness"
 EXAMPLE = (
@@ -23,14 +28,23 @@ EXAMPLE = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_job_arguments(p, "surface")
+    common.add_job_arguments(p, "surface")
+    common.add_process_group_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    job, out = load_job(args, "surface")
+    return common.run_in_group(args, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    job, out = common.load_job(args, "surface")
+    from outer_train import distributed
     from outer_train.diagnostics import surface_report
 
-    record = surface_report.run(job, out, progress=not args.no_progress)
+    writer = distributed.is_writer()
+    record = surface_report.run(job, out, progress=writer and not args.no_progress)
+    if not writer:
+        return 0
     if record["roughness"] is not None:
         print(surface_report.roughness_table(record["roughness"]))
         print(surface_report.roughness_reading(record["roughness"]))

@@ -155,13 +155,17 @@ class CompareConfig:
 
     def run_config(self, arm: Arm, rate_index: int, seed: int) -> MetaTrainConfig:
         """The meta-training config of one run: the arm's config at that rate, with
-        ``run.seed``, the budget's ``run.num_outer_steps`` and ``eval.every`` = N / P."""
+        ``run.seed``, the budget's ``run.num_outer_steps``, ``eval.every`` = N / P and no
+        generalization rows (``eval.generalization_multiples = []``: the comparison reports
+        every arm on the same held-out runs at the budget points; rows at 2T, 5T per run would
+        cost more than the run)."""
         config = arm.configs[rate_index]
         n = self.num_outer_steps(arm)
         return dataclasses.replace(
             config,
             run=dataclasses.replace(config.run, seed=seed, num_outer_steps=n),
-            eval=dataclasses.replace(config.eval, every=n // self.section.num_budget_points),
+            eval=dataclasses.replace(config.eval, every=n // self.section.num_budget_points,
+                                     generalization_multiples=()),
         )
 
 

@@ -160,7 +160,19 @@ class EvalConfig:
     for ``problem.meta_loss = "train"``, the mean validation loss over the curve for
     ``"valid"``; ``outer_train.evaluation``), ``num_inner_steps`` steps each.
     ``num_inner_steps = 0`` means the estimator's horizon (T_max of a range). ``every = 0``
-    evaluates only at the start and at the end."""
+    evaluates only at the start and at the end.
+
+    Generalization (``outer_train.generalization``; at the end of a run with evaluation, in
+    summary.md and generalization.json): the held-out tasks (the trained task on held-out seeds
+    for ``task.kind = "single"``) trained ``m x T`` inner steps for each m of
+    ``generalization_multiples`` (T = the horizon, T_max of a range), and, for a single task,
+    each preset of ``generalization_variants`` (``tasks.image_mlp.PRESETS``) at T; for a family
+    its held-out variants at T as well. Each row against Adam tuned on that row's own runs
+    over ``adam_learning_rates`` by the mean train-batch loss, with a 2-standard-error verdict
+    ("beats Adam", "within 2 s.e. of Adam", "worse than Adam", "diverged (k of n runs)", ...).
+    ``generalization_multiples = []`` turns it off (no rows at all);
+    ``generalization_variants = "auto"``: the other presets on the trained dataset (none for a
+    family, whose held-out variants are its generalization at T); ``[]``: no variant rows."""
 
     every: int = field(250, lo=0, hi=10_000_000)
     num_seeds: int = field(8, lo=1, hi=1024)
@@ -169,6 +181,10 @@ class EvalConfig:
     curve_every: int = field(10, lo=1, hi=1_000_000)
     adam_learning_rates: tuple[float, ...] = field((1e-3, 3e-3, 1e-2, 3e-2, 1e-1), lo=0.0,
                                                    hi=10.0, lo_open=True, min_len=1)
+    generalization_multiples: tuple[int, ...] = field((2, 5), lo=2, hi=1000, distinct=True,
+                                                      doc="x T; [] = off")
+    generalization_variants: Literal["auto"] | tuple[str, ...] = field(
+        "auto", doc="\"auto\" or task preset names, run at T (single task)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +221,7 @@ class MetaTrainConfig:
                 self.make_family()
             except (UserError, TaskError) as e:
                 raise UserError(f"[family] {e}") from None
+        _check_variants(self.eval.generalization_variants, self.task.kind)
 
     # -- derived --------------------------------------------------------------------------
 
@@ -307,6 +324,22 @@ def config_from_dict(data: Mapping[str, Any]) -> MetaTrainConfig:
             f"lopt.hidden_sizes applies to lopt.name = 'mlp_lopt' only, not {config.lopt.name!r}"
         )
     return config
+
+
+def _check_variants(variants: str | tuple[str, ...], kind: str) -> None:
+    """``eval.generalization_variants``: preset names, for a single task only. (An explicit
+    list only: the presets live with the tasks, which import JAX.)"""
+    if variants == "auto" or not variants:
+        return
+    key = "eval.generalization_variants"
+    if kind == "family":
+        raise UserError(f"{key} applies to task.kind = 'single' only (a family's held-out "
+                        "variants are its generalization at T); use \"auto\" or []")
+    from tasks.image_mlp import PRESETS
+
+    for v in variants:
+        if v not in PRESETS:
+            raise UserError(f"{key}: unknown task preset {v!r}; presets: {', '.join(PRESETS)}")
 
 
 def _validate_knobs(name: str, knobs: Mapping[str, Any]) -> None:

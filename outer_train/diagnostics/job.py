@@ -7,7 +7,9 @@ config and the diagnostic's section (``outer_train.config.diagnostics``):
   * theta: the learned optimizer's init from ``run.seed``'s theta key (exactly meta-training's
     outer step 0), or the learned optimizer AND theta of a saved ``.lopt`` file (``[lopt]`` is
     then not used), so a user can look at the optimizer they trained;
-  * the particle mesh of ``run.devices`` (``placement.particle_mesh``).
+  * the particle mesh of ``run.devices`` (``placement.particle_mesh``; in a group of
+    processes it spans every process's devices).
+``make_job`` builds the same from a learned optimizer and theta at hand.
 ``direction(job, spec, key)`` turns a direction spec ("paper", "per_tensor" or a scalar leaf
 name) into a pytree like theta, and ``shifted(theta, d, a)`` is theta + a d.
 """
@@ -63,7 +65,6 @@ def prepare(name: str, config: MetaTrainConfig, section: Any,
             optimizer_path: str | Path | None = None, *, command: str = "") -> Job:
     """The job of ``learned-opt <name>``; ``UserError`` for a family task or a bad file."""
     from outer_train.build import make_lopt, run_keys
-    from tasks.image_mlp import make_task
 
     if config.task.kind != "single":
         raise UserError(
@@ -80,6 +81,16 @@ def prepare(name: str, config: MetaTrainConfig, section: Any,
         lopt = make_lopt(config.lopt)
         theta = lopt.init(run_keys(config.run.seed).theta)
         source = f"init of {config.lopt.name} from run.seed = {config.run.seed}"
+    return make_job(name, config, section, lopt, theta, source, command=command)
+
+
+def make_job(name: str, config: MetaTrainConfig, section: Any, lopt: LearnedOptimizer,
+             theta: Theta, source: str, *, command: str = "") -> Job:
+    """The job of a learned optimizer and theta at hand (``prepare`` reads or builds them; in
+    a group of processes, process 0 may read them and hand them to the others), on the single
+    task of ``config`` (``task.kind = "single"``)."""
+    from tasks.image_mlp import make_task
+
     p = config.problem
     problem = LearnedOptProblem.create(
         make_task(config.task_config()), lopt, meta_loss=p.meta_loss,

@@ -5,7 +5,7 @@ Every file is written atomically (a temporary file in the same directory, then
 is what every JSON and summary records: the command line, the date, the machine
 (``runtime.machine``: results are bitwise reproducible on one machine, equal to float rounding
 across CPUs; timings differ ~2.5x between the CPUs this project meets), the JAX version,
-devices, where theta came from and the full config.
+devices (and the processes holding them), where theta came from and the full config.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def provenance(job, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
         "jax": jax.__version__,
         "devices": job.num_devices,
+        "processes": jax.process_count(),  # the devices' processes (outer_train.distributed)
         "theta_source": job.theta_source,
         "num_meta_parameters": job.num_meta_parameters,
         "config": {**job.config.to_dict(), job.name: job.section_dict()},
@@ -105,11 +106,13 @@ def provenance(job, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def summary_header(title: str, prov: dict[str, Any]) -> str:
     """The first lines of a summary.md: title, command, machine, theta."""
+    n = prov.get("processes", 1)  # absent from provenance written before it was recorded
+    processes = f" of {n} processes" if n > 1 else ""
     return "\n".join([
         f"# {title}",
         "",
         f"- command: `{prov['command']}`",
-        f"- machine: {describe(prov['machine'])}; {prov['devices']} device(s); "
+        f"- machine: {describe(prov['machine'])}; {prov['devices']} device(s){processes}; "
         f"jax {prov['jax']}; {prov['date']}",
         f"- theta: {prov['theta_source']} ({prov['num_meta_parameters']} meta-parameters)",
         "",

@@ -301,7 +301,8 @@ def compute_surface(
       max(1, chunk_size // (S + 1)) points per call, rounded UP to a multiple of the mesh's
       device count so every call splits evenly; the last chunk is padded (its padding runs).
     mesh: a Mesh with a "particles" axis (``placement.particle_mesh``): each chunk's points
-      are split over it, the problem and theta0 replicated. None: the default device.
+      are split over it, the problem and theta0 replicated; in a group of processes it spans
+      their devices and every process gets the whole result. None: the default device.
     on_chunk: ``on_chunk(num_points_done)`` after each chunk (``chunked.map_chunks``).
 
     Calls are bounded in flight by ``chunked.map_chunks`` (multi-device CPU all-reduce queues
@@ -351,8 +352,8 @@ def compute_surface(
         points_per_chunk = math.ceil(points_per_chunk / num_devices) * num_devices
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
-        args = jax.device_put(args, replicated)
-        place = lambda chunk: jax.device_put(chunk, split)
+        args = placement.put(args, replicated)  # also across processes (distributed)
+        place = lambda chunk: placement.put(chunk, split)
         context = jax.set_mesh(mesh)
 
     def fn(chunk):

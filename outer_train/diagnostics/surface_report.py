@@ -2,7 +2,7 @@
 
 ``run(job, out_dir)`` draws the directions, evaluates the slice (``surface.compute_surface``,
 split over ``job.mesh``), measures each curve's roughness (``roughness.roughness_report``) and
-writes into ``out_dir``:
+writes into ``out_dir`` (in a group of processes, process 0 alone):
 
 * ``surface.png``: 1-D: one panel per unroll length T, the raw slice and (with smoothing) the
   smoothed one with a +-2 standard-error band, as the paper's Fig. 3a; 2-D: one heatmap per T;
@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from outer_train import distributed
 from outer_train.diagnostics import outputs, roughness
 from outer_train.diagnostics.job import Job, direction
 from outer_train.diagnostics.surface import SurfaceResult, compute_surface, grid_coords
@@ -65,7 +66,8 @@ def curve_roughness(result: SurfaceResult, a: np.ndarray) -> list[dict[str, Any]
 
 def run(job: Job, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     """Computes the slice of ``job.section`` and writes the files (module docstring); returns
-    the JSON record."""
+    the JSON record. In a group of processes every process computes it, process 0 alone writes
+    and prints (``distributed.is_writer``)."""
     section = job.section
     direction_key, episode_key = jax.random.split(jax.random.key(section.seed))
     directions = [direction(job, spec, jax.random.fold_in(direction_key, j))
@@ -91,9 +93,11 @@ def run(job: Job, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     finally:
         bar.close()
     steps_per_second = result.inner_steps / result.seconds
-    print(f"surface: {len(coords)} points x {rows_per_point} episode(s) x "
-          f"{max(section.horizons)} steps in {result.seconds:.1f} s "
-          f"({steps_per_second:,.0f} inner steps/s, compilation included)")
+    writer = distributed.is_writer()
+    if writer:
+        print(f"surface: {len(coords)} points x {rows_per_point} episode(s) x "
+              f"{max(section.horizons)} steps in {result.seconds:.1f} s "
+              f"({steps_per_second:,.0f} inner steps/s, compilation included)")
     record = {
         "provenance": outputs.provenance(job),
         "kind": "1-D slice" if b is None else "2-D surface",
@@ -108,6 +112,8 @@ def run(job: Job, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
         "cost": {"inner_steps": result.inner_steps, "seconds": result.seconds,
                  "inner_steps_per_second": steps_per_second},
     }
+    if not writer:  # a group's other processes compute only
+        return record
     out_dir = Path(out_dir)
     outputs.write_json(out_dir / "surface.json", record)
     _write_csv(out_dir / "surface.csv", result, a, b)

@@ -12,7 +12,9 @@ compiled ahead of the draws (its compile time is reported apart from their run t
 device mesh (``placement.particle_mesh``) the chunk is split over the devices with
 ``jax.shard_map`` on an axis named "draws": each device runs its share of whole draws and
 nothing crosses devices (the estimators' own particle constraints see no "particles" axis and do
-nothing). Chunks run through ``chunked.map_chunks``, which bounds the calls in flight.
+nothing). Chunks run through ``chunked.map_chunks``, which bounds the calls in flight. In a
+group of processes (``outer_train.distributed``) the mesh spans every process's devices and
+each process gets every draw (``placement.to_host``).
 
 Start states: ``fresh_state`` (every particle due for a reset, so each draw starts new episodes
 at its first step) or ``warm_state`` (after N estimates at fixed theta). ``FixedBatchProblem``
@@ -34,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from outer_train import placement
 from outer_train.base import EstimatorState, GradientEstimator, InnerProblem, PRNGKey, Theta
 from outer_train.chunked import map_chunks
 from outer_train.unroll import ParticleState, force_reset
@@ -196,7 +199,7 @@ class DrawProgram:
         ))
 
     def _place(self, tree, sharding):
-        return tree if sharding is None else jax.device_put(tree, sharding)
+        return tree if sharding is None else placement.put(tree, sharding)
 
     def run(self, theta: Theta, key: PRNGKey, num_draws: int, *,
             state: EstimatorState | None = None,

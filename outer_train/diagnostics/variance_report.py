@@ -1,5 +1,6 @@
 """``learned-opt variance`` as a job: the study of a ``[variance]`` section
-(``diagnostics.variance.run_variance``), written. Into the output directory:
+(``diagnostics.variance.run_variance``), written. Into the output directory (in a group of
+processes, process 0 alone):
 
   variance.png    total variance vs T (log-log), one line per estimator (and shift), interval
                   bands; variance x inner steps per draw (equal cost); per-window variance of
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from outer_train import distributed
 from outer_train.diagnostics import outputs
 from outer_train.diagnostics.job import Job, direction
 from outer_train.diagnostics.variance import planned_draws, run_variance, study_keys
@@ -35,7 +37,8 @@ COLUMNS = (
 
 def run(job: Job, out: Path, *, progress: bool = True):
     """Runs the section's study and writes the files (module docstring); returns the
-    ``VarianceResult``."""
+    ``VarianceResult``. In a group of processes every process runs it, process 0 alone writes
+    (``distributed.is_writer``)."""
     section = job.section
     d = direction(job, section.direction, study_keys(section.seed).direction)
     bar = outputs.progress_bar(planned_draws(section), "variance", "draw",
@@ -45,6 +48,8 @@ def run(job: Job, out: Path, *, progress: bool = True):
                               on_draws=bar.update)
     finally:
         bar.close()
+    if not distributed.is_writer():  # a group's other processes compute only
+        return result
     prov = outputs.provenance(job)
     rows = [row(m) for m in result.measurements]
     outputs.write_csv(out / "variance.csv", COLUMNS, ([r[c] for c in COLUMNS] for r in rows))

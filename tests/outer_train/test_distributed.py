@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import bitwise_equal
+from helpers import bitwise_equal, cpu_env, finish, free_port
 
 import learned_opt
 from learned_opt.errors import UserError
@@ -36,18 +34,6 @@ SCRIPT = "import sys\nfrom outer_train.cli import main\nsys.exit(main(sys.argv[1
 TIMINGS = {"step_seconds", "inner_steps_per_second", "startup_seconds"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(tmp: Path, devices: int) -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
 def _argv(out: Path, steps: int, *extra: str) -> list[str]:
     sets = [x for s in [*TINY, f"run.num_outer_steps={steps}"] for x in ("--set", s)]
     return [sys.executable, "-c", SCRIPT, "meta-train", "--out", str(out), "--no-progress",
@@ -55,7 +41,7 @@ def _argv(out: Path, steps: int, *extra: str) -> list[str]:
 
 
 def _one_process(tmp: Path, out: Path, devices: int, steps: int, *extra: str) -> str:
-    proc = subprocess.run(_argv(out, steps, *extra), env=_env(tmp, devices), cwd=REPO,
+    proc = subprocess.run(_argv(out, steps, *extra), env=cpu_env(tmp, devices), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -63,23 +49,12 @@ def _one_process(tmp: Path, out: Path, devices: int, steps: int, *extra: str) ->
 
 def _start_group(tmp: Path, out: Path, steps: int, *extra: str, n: int = 2,
                  peer_timeout: int = 20) -> list[subprocess.Popen]:
-    group = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(n),
+    group = ["--coordinator", f"localhost:{free_port()}", "--num-processes", str(n),
              "--peer-timeout", str(peer_timeout)]
     return [subprocess.Popen(_argv(out, steps, *extra, *group, "--process-id", str(i)),
-                             env=_env(tmp, 1), cwd=REPO, stdout=subprocess.PIPE,
+                             env=cpu_env(tmp, 1), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
             for i in range(n)]
-
-
-def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
-    results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=600)
-        finally:
-            p.kill()
-        results.append((p.returncode, stdout, stderr))
-    return results
 
 
 def _theta(out: Path):
@@ -109,7 +84,7 @@ def test_two_processes_match_one_process_with_two_devices(reference):
     1) ends where the uninterrupted run does."""
     tmp, ref = reference
     out = tmp / "two_processes"
-    (rc0, out0, err0), (rc1, out1, err1) = _finish(_start_group(tmp, out, STEPS))
+    (rc0, out0, err0), (rc1, out1, err1) = finish(_start_group(tmp, out, STEPS))
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert "split over 2 devices of 2 processes" in out0
     assert "split over" not in out1  # process 1 computes; only process 0 reports
@@ -156,10 +131,10 @@ def test_killed_process_stops_the_other_and_resume_ends_with_the_same_theta(refe
             p.kill()
             p.communicate()
     assert procs[0].returncode == distributed.EXIT_PEER_LOST, stderr[-2000:]
-    assert waited < peer_timeout + 5
+    assert waited < peer_timeout + 30  # bounded (a hang is not), with slack for a loaded machine
     assert "process 1 of 2 is lost" in stderr and "--resume" in stderr
 
-    (rc0, out0, err0), (rc1, _, err1) = _finish(_start_group(tmp, out, STEPS, "--resume"))
+    (rc0, out0, err0), (rc1, _, err1) = finish(_start_group(tmp, out, STEPS, "--resume"))
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert "resuming from" in out0
     assert bitwise_equal(_theta(out), _theta(ref))

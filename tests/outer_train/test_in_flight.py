@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from outer_train import in_flight
 from outer_train.in_flight import InFlight, bounded
 from outer_train.logging import read_records
 
@@ -25,7 +24,8 @@ TWO_DEVICES = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts fetches (``jax.device_get`` as ``in_flight`` sees it)."""
+    """Counts fetches (``jax.device_get``, which ``in_flight``'s ``placement.to_host`` calls once
+    per output of this process's devices)."""
     fetched = []
     real_get = jax.device_get
 
@@ -33,7 +33,7 @@ def counted(monkeypatch):
         fetched.append(tree)
         return real_get(tree)
 
-    monkeypatch.setattr(in_flight.jax, "device_get", counting_get)
+    monkeypatch.setattr(jax, "device_get", counting_get)
     return fetched
 
 

@@ -62,7 +62,8 @@ def cli_run(tmp_path_factory, tiny_config):
 def test_run_writes_every_artifact(cli_run):
     names = {p.name for p in cli_run.iterdir()}
     assert {OPTIMIZER_FILE, "metrics.jsonl", "meta_training.png", "heldout_curves.png",
-            "heldout_curves.json", "summary.md", "config.toml", "tb", "checkpoints"} <= names
+            "heldout_curves.json", "summary.md", "generalization.json", "config.toml", "tb",
+            "checkpoints"} <= names
     for png in ("meta_training.png", "heldout_curves.png"):
         assert (cli_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # checkpoint.every = 2, keep = 2 (from --set): steps 4 and 6 remain.

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import VARIANCE_TINY
 
 from outer_train.analytic import (
     LinearSystemProblem,
@@ -259,24 +260,6 @@ def test_draws_split_over_two_devices_equal_the_single_device_ones():
 # ---------------------------------------------------------------------------------------------
 # Config and command line
 
-TINY = """
-[task]
-hidden_sizes = [4]
-batch_size = 8
-[lopt]
-name = "learned_sgd"
-[variance]
-estimators = ["es", "nres"]
-horizons = [4]
-trunc_length = 2
-num_draws = 6
-reference = "nres"
-reference_draws = 8
-shifts = [0.0, 0.5]
-direction = "log_lr"
-fast_compile = true
-"""
-
 
 def test_config_derives_k_windows_and_knobs():
     section = VarianceConfig(horizons=(8, 32), trunc_length=8, knob_overrides=(
@@ -315,7 +298,7 @@ def test_bad_variance_keys_are_rejected_by_name(override, message):
 def cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("variance")
     config = root / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(VARIANCE_TINY)
     out = root / "out"
     code = main(["variance", "--config", str(config), "--out", str(out), "--no-progress"])
     assert code == 0
