@@ -120,7 +120,7 @@ def train_learned_and_adam_grid(task: Task, lopt: LearnedOptimizer, theta: Theta
                                 learning_rates: jax.Array, keys: jax.Array, num_steps: int,
                                 eval_every: int) -> tuple[TrainResult, TrainResult]:
     """``train_learned`` and ``train_adam_grid`` in one program: one compilation, not two
-    (on CPU XLA's cost per program, not per operation, dominates short runs: 2.5x less)."""
+    (for short one-off runs on CPU, compiling each program costs more than running it)."""
     return (train_learned(task, lopt, theta, keys, num_steps, eval_every),
             train_adam_grid(task, learning_rates, keys, num_steps, eval_every))
 

@@ -53,6 +53,7 @@ VERDICTS = (BEATS, SPLIT, LEVEL, WORSE)  # and "diverged (k of n runs)"
 DIVERGED_PREFIX = "diverged ("
 ADAM_TUNING = "per row, lowest mean train-batch loss on the row's own runs"
 OBJECTIVE = "mean train-batch loss over the run"
+DIVERGENCE = f"non-finite or > {DIVERGENCE_FACTOR:g}x the step-0 train loss"
 FILE = "generalization.json"
 
 
@@ -328,7 +329,7 @@ def evaluate_run(config: MetaTrainConfig, lopt: LearnedOptimizer, theta: Theta, 
         "adam_tuning": ADAM_TUNING,
         "objective": OBJECTIVE,
         "curve_every": horizon,
-        "divergence": f"non-finite or > {DIVERGENCE_FACTOR:g}x the step-0 train loss",
+        "divergence": DIVERGENCE,
         "seconds": time.perf_counter() - t0,
         "rows": rows,
     }

@@ -186,8 +186,7 @@ def make_card(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "adam_tuning": generalization.ADAM_TUNING,
             "objective": generalization.OBJECTIVE,
             "curve_every": args.curve_every,
-            "divergence": f"non-finite or > {generalization.DIVERGENCE_FACTOR:g}x the step-0 "
-                          "train loss",
+            "divergence": generalization.DIVERGENCE,
             "command": command,
             "cpu": _cpu(),
             "jax": jax.__version__,
