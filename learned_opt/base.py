@@ -4,6 +4,12 @@
 ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *, loss=None)``
 returns ``(updates, state)``; its state never holds the params. Being plain optax, a learned
 optimizer composes with ``optax.chain`` and drops into any training loop.
+
+An optimizer with the class attribute ``supports_mask = True`` also takes ``mask=``: a float32
+pytree like params, 0 on padding entries (a model padded to a larger shape, ``tasks.padded_mlp``).
+It must then give updates 0 there and compute any statistic over a tensor from its real entries
+only, so that the padded model trains as the unpadded one would. Family meta-training compiled
+once (``[family] compile = "once"``) requires it.
 """
 
 from __future__ import annotations

@@ -104,14 +104,30 @@ def segments(layout: FlatLayout, x: jax.Array) -> list[jax.Array]:
     return [x[o : o + n] for o, n in zip(layout.offsets, layout.sizes, strict=True)]
 
 
-def _normalized_blocks(layout: FlatLayout, columns: list[jax.Array], eps: float):
+def _tensor_mean(block: jax.Array, count: jax.Array | None) -> jax.Array:
+    """Mean over a leaf's rows [n, k] -> [k]: over all n, or ``sum / count`` when padding rows
+    (which are zero) must not count."""
+    if count is None:
+        return jnp.mean(block, axis=0)
+    return jnp.sum(block, axis=0) / count
+
+
+def _normalized_blocks(layout: FlatLayout, columns: list[jax.Array], eps: float, counts):
     """Per leaf: (rows [n, F] unnormalized, scale [F]) from [P_total, k] column blocks."""
     out = []
-    for o, n in zip(layout.offsets, layout.sizes, strict=True):
+    for i, (o, n) in enumerate(zip(layout.offsets, layout.sizes, strict=True)):
+        count = None if counts is None else counts[i]
         parts = [c[o : o + n] for c in columns]
-        mean_sq = jnp.concatenate([jnp.mean(jnp.square(part), axis=0) for part in parts])
+        mean_sq = jnp.concatenate([_tensor_mean(jnp.square(part), count) for part in parts])
         out.append((jnp.concatenate(parts, axis=1), jax.lax.rsqrt(mean_sq + eps)))
     return out
+
+
+def masked_counts(layout: FlatLayout, mask: Any) -> jax.Array:
+    """The number of real (mask 1) entries of each leaf of ``mask``, at least 1 (a leaf that is
+    all padding has zero features: 0 / 1, not 0 / 0): float32 [num_segments]."""
+    check_same_layout(layout, mask, "mask")
+    return jnp.stack([jnp.maximum(jnp.sum(leaf), 1.0) for leaf in jax.tree.leaves(mask)])
 
 
 def _concat_rows(blocks: list[jax.Array]) -> jax.Array:
@@ -137,6 +153,7 @@ def momenta_and_features(
     momenta: jax.Array,
     decays: Sequence[float],
     eps: float,
+    counts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One step of the per-parameter inputs: (features x [P_total, F], new momenta [P_total, D]).
 
@@ -144,12 +161,14 @@ def momenta_and_features(
         m_i <- decay_i * m_i + (1 - decay_i) * g
         x    = [g, params, m_1 .. m_D], each column divided by its per-tensor RMS:
                c_f[p] / sqrt(mean_{q in leaf(p)} c_f[q]**2 + eps).
+    counts: None, or float32 [num_segments]: the mean over leaf i is ``sum / counts[i]``, for
+    padded tensors whose padding entries of g, params and momenta are zero (``masked_counts``).
     The second moments come from the columns themselves (one small reduction per leaf and
     column: static slices, few leaves), and x is written once, leaf block by leaf block,
     already scaled. ``momenta_and_features_vjp`` is its VJP, written by hand.
     """
     new_momenta, columns = _columns(g, params, momenta, decays)
-    blocks = [rows * scale for rows, scale in _normalized_blocks(layout, columns, eps)]
+    blocks = [rows * scale for rows, scale in _normalized_blocks(layout, columns, eps, counts)]
     return _concat_rows(blocks), new_momenta
 
 
@@ -162,21 +181,23 @@ def momenta_and_features_vjp(
     eps: float,
     dx: jax.Array,
     d_new_momenta: jax.Array,
+    counts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """Cotangents (dg, dparams or None, d momenta) of ``momenta_and_features`` at (g, params,
-    momenta) for output cotangents (dx, d_new_momenta); recomputes the forward pass.
+    momenta, counts) for output cotangents (dx, d_new_momenta); recomputes the forward pass.
 
     JAX's own transpose of the forward turns the momentum broadcast into a reduction over D
     that XLA's CPU backend runs slowly, and saves every leaf's slices as separate residuals.
     """
     _, columns = _columns(g, params, momenta, decays)
     # x = c * s with s = (mean(c^2) + eps)^(-1/2) per leaf and column:
-    # dc = dx * s - c * s^3 * mean(dx * c)
+    # dc = dx * s - c * s^3 * mean(dx * c)   (mean over the leaf's real entries)
     dcs = []
-    for (rows, scale), dx_block in zip(
-        _normalized_blocks(layout, columns, eps), segments(layout, dx), strict=True
-    ):
-        mean_dx_c = jnp.mean(dx_block * rows, axis=0)
+    for i, ((rows, scale), dx_block) in enumerate(zip(
+        _normalized_blocks(layout, columns, eps, counts), segments(layout, dx), strict=True
+    )):
+        count = None if counts is None else counts[i]
+        mean_dx_c = _tensor_mean(dx_block * rows, count)
         dcs.append(dx_block * scale - rows * (scale**3 * mean_dx_c))
     dc = _concat_rows(dcs)  # [P, F]
     first_momentum = 1 + int(params is not None)

@@ -10,7 +10,8 @@ With 1-2 meta-parameters the meta-loss surface over theta can be computed exactl
 Params must be float32 (``init`` raises UserError otherwise). Updates follow optax exactly
 (``optax.sgd`` / ``optax.adam`` with the same hyperparameters give the same updates up to the
 float32 rounding of 1 - exp(log(1 - beta))). ``loss`` and extra keyword arguments are accepted
-and unused.
+and unused, but for ``mask`` (float32 like params, 0 on padding): the updates are zero on the
+padding (gradients there are zero for a zero-padded model, so the moments stay zero too).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class LearnedSGD:
     init_lr: float = 0.1
 
     name: ClassVar[str] = "learned_sgd"
+    supports_mask: ClassVar[bool] = True
 
     def __post_init__(self):
         _log("LearnedSGD.init_lr", self.init_lr)
@@ -90,10 +92,10 @@ class LearnedSGD:
             flat_layout(params)  # float32 leaves only, like every learned optimizer here
             return LearnedSGDState()
 
-        def update_fn(grads, state, params=None, *, loss=None, **extra_args):
+        def update_fn(grads, state, params=None, *, loss=None, mask=None, **extra_args):
             del params, loss, extra_args
             lr = jnp.exp(theta["log_lr"])
-            return jax.tree.map(lambda g: -lr * g, grads), state
+            return _masked(jax.tree.map(lambda g: -lr * g, grads), mask), state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -110,6 +112,7 @@ class LearnedMomentum:
     init_momentum: float = 0.9
 
     name: ClassVar[str] = "learned_momentum"
+    supports_mask: ClassVar[bool] = True
 
     def __post_init__(self):
         _log("LearnedMomentum.init_lr", self.init_lr)
@@ -134,14 +137,20 @@ class LearnedMomentum:
             flat_layout(params)
             return LearnedMomentumState(trace=optax.tree.zeros_like(params))
 
-        def update_fn(grads, state, params=None, *, loss=None, **extra_args):
+        def update_fn(grads, state, params=None, *, loss=None, mask=None, **extra_args):
             del params, loss, extra_args
             lr = jnp.exp(theta["log_lr"])
             momentum = 1.0 - jnp.exp(theta["log_one_minus_momentum"])
             trace = jax.tree.map(lambda g, t: g + momentum * t, grads, state.trace)
-            return jax.tree.map(lambda t: -lr * t, trace), LearnedMomentumState(trace)
+            updates = _masked(jax.tree.map(lambda t: -lr * t, trace), mask)
+            return updates, LearnedMomentumState(trace)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _masked(updates: Any, mask: Any) -> Any:
+    """``updates`` zeroed where ``mask`` (a pytree like them, or None) is 0."""
+    return updates if mask is None else jax.tree.map(lambda u, m: u * m, updates, mask)
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
@@ -170,6 +179,7 @@ class LearnedAdam:
     init_eps: float = 1e-8
 
     name: ClassVar[str] = "learned_adam"
+    supports_mask: ClassVar[bool] = True
 
     def __post_init__(self):
         self.theta_from(self.init_lr, self.init_b1, self.init_b2, self.init_eps)
@@ -196,7 +206,7 @@ class LearnedAdam:
             zeros = optax.tree.zeros_like(params)
             return LearnedAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
 
-        def update_fn(grads, state, params=None, *, loss=None, **extra_args):
+        def update_fn(grads, state, params=None, *, loss=None, mask=None, **extra_args):
             del params, loss, extra_args
             lr = jnp.exp(theta["log_lr"])
             one_minus_b1 = jnp.exp(theta["log_one_minus_b1"])
@@ -212,6 +222,6 @@ class LearnedAdam:
                 lambda m, v: -lr * (m / mu_correction) / (_safe_sqrt(v / nu_correction) + eps),
                 mu, nu,
             )
-            return updates, LearnedAdamState(count, mu, nu)
+            return _masked(updates, mask), LearnedAdamState(count, mu, nu)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)

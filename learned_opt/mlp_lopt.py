@@ -137,39 +137,46 @@ class PerParamMLP(nn.Module):
 
 def _per_param_update(layout: features.FlatLayout, decays, eps: float, scales):
     """The per-parameter part of one MLPLOpt update as ONE custom VJP:
-    (weights, shared_bias, g, params or None, momenta) -> (step sizes [P], new momenta [P, D]).
+    (weights, shared_bias, g, params or None, momenta, counts or None)
+        -> (step sizes [P], new momenta [P, D]).
 
     It saves only its inputs (the flat gradient, params and old momenta: what backprop through
     an unroll stores per step) and the output terms ``per_param_mlp.Saved`` (two floats per
     parameter), and recomputes features and activations in the backward pass, which chains
     the two hand-written VJPs (``per_param_mlp.backward``, ``features.momenta_and_features_vjp``).
+    ``counts`` (real entries per leaf, for a padded params pytree) is a constant: zero cotangent.
     """
 
-    def forward(weights, shared_bias, g, params, momenta):
-        x, new_momenta = features.momenta_and_features(layout, g, params, momenta, decays, eps)
+    def forward(weights, shared_bias, g, params, momenta, counts):
+        x, new_momenta = features.momenta_and_features(
+            layout, g, params, momenta, decays, eps, counts
+        )
         return per_param_mlp.forward(weights, x, shared_bias, scales), new_momenta
 
     @jax.custom_vjp
-    def update(weights, shared_bias, g, params, momenta):
-        return forward(weights, shared_bias, g, params, momenta)
+    def update(weights, shared_bias, g, params, momenta, counts):
+        return forward(weights, shared_bias, g, params, momenta, counts)
 
     def update_fwd(*inputs):
-        weights, shared_bias, g, params, momenta = inputs
-        x, new_momenta = features.momenta_and_features(layout, g, params, momenta, decays, eps)
+        weights, shared_bias, g, params, momenta, counts = inputs
+        x, new_momenta = features.momenta_and_features(
+            layout, g, params, momenta, decays, eps, counts
+        )
         step, saved = per_param_mlp.forward_saving(weights, x, shared_bias, scales)
         return (step, new_momenta), (inputs, saved)
 
     def update_bwd(residuals, cotangents):
-        (weights, shared_bias, g, params, momenta), saved = residuals
+        (weights, shared_bias, g, params, momenta, counts), saved = residuals
         d_step, d_new_momenta = cotangents
-        x, _ = features.momenta_and_features(layout, g, params, momenta, decays, eps)
+        x, _ = features.momenta_and_features(layout, g, params, momenta, decays, eps, counts)
         dw, dx, d_shared_bias = per_param_mlp.backward(
             weights, x, shared_bias, scales, d_step, saved
         )
         dg, dparams, dmomenta = features.momenta_and_features_vjp(
-            layout, g, params, momenta, decays, eps, dx, d_new_momenta
+            layout, g, params, momenta, decays, eps, dx, d_new_momenta, counts
         )
-        return dw, d_shared_bias, dg, dparams, dmomenta
+        d_counts = jax.tree.map(jnp.zeros_like, counts)
+        return dw, d_shared_bias, dg, dparams, dmomenta, d_counts
 
     update.defvjp(update_fwd, update_bwd)
     return update
@@ -202,6 +209,7 @@ class MLPLOpt:
     init_output_scale: float = 1e-2
 
     name: ClassVar[str] = "mlp_lopt"
+    supports_mask: ClassVar[bool] = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -294,10 +302,15 @@ class MLPLOpt:
         return dataclasses.asdict(self)
 
     def opt_fn(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
-        """The optax transformation of ``theta``; ``update(grads, state, params, *, loss=None)``.
+        """The optax transformation of ``theta``;
+        ``update(grads, state, params, *, loss=None, mask=None)``.
 
         ``params`` is required when ``use_params`` (the default); ``loss`` is accepted and
         unused. All leaves must be float32. State: ``MLPLOptState``.
+        ``mask``: None, or a float32 pytree like params of 1 (a real entry) and 0 (padding):
+        padding entries of grads and params are read as 0, get update 0, and the per-tensor
+        second moments average over the real entries only, so a model padded with zeros
+        trains like the unpadded one (to float rounding; ``tasks.padded_mlp``).
         """
         module = self._module()
         scales = per_param_mlp.Scales(self.exp_mult, self.step_mult)
@@ -311,7 +324,7 @@ class MLPLOpt:
 
         def update_fn(
             grads: Any, state: MLPLOptState, params: Any = None, *, loss: Any = None,
-            **extra_args: Any,
+            mask: Any = None, **extra_args: Any,
         ) -> tuple[Any, MLPLOptState]:
             del loss, extra_args  # part of the protocol; this architecture does not read them
             layout = features.flat_layout(grads, what="grads")
@@ -329,12 +342,21 @@ class MLPLOpt:
                     )
                 features.check_same_layout(layout, params, "params")
                 flat_params = features.flatten(layout, params)
+            counts = flat_mask = None
+            if mask is not None:
+                counts = features.masked_counts(layout, mask)
+                flat_mask = features.flatten(layout, mask)
+                g = g * flat_mask
+                if flat_params is not None:
+                    flat_params = flat_params * flat_mask
             variables = {"params": theta}
             shared = features.time_features(state.step, self.time_scales)  # [S]
             shared_bias = module.apply(variables, shared, method=PerParamMLP.shared_bias)
             weights = module.apply(variables, method=PerParamMLP.weights)
             update = _per_param_update(layout, self.decays, self.norm_eps, scales)
-            step, momenta = update(weights, shared_bias, g, flat_params, state.momenta)
+            step, momenta = update(weights, shared_bias, g, flat_params, state.momenta, counts)
+            if flat_mask is not None:
+                step = step * flat_mask
             # int32 step: overflows after 2**31 updates, far beyond any horizon here.
             return features.unflatten(layout, -step), MLPLOptState(momenta, state.step + 1)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from learned_opt.base import LearnedOptimizer, Theta
+from learned_opt.errors import UserError
 from outer_train.config import LOptConfig, MetaOptConfig, MetaTrainConfig
 from tasks.base import Task
 
@@ -61,7 +62,9 @@ class MetaTrainState(NamedTuple):
 class MetaTrainSetup:
     """The static side of a run, built from the config on the host (``build``).
 
-    estimators: one per training task variant (pytrees holding their problem and task data).
+    estimators: one per training task variant (pytrees holding their problem and task data), or
+    with ``family.compile = "once"`` one ``variant_stack.StackedEstimator`` per dataset of the
+    variants (``padded_variant_groups``).
     heldout_tasks: evaluation tasks (the training task itself for ``task.kind = "single"``:
     held-out *seeds* then keep evaluation apart from meta-training).
     """
@@ -121,17 +124,36 @@ def make_tasks(config: MetaTrainConfig, keys: RunKeys
     return (task,), (task,)
 
 
+def padded_variant_groups(config: MetaTrainConfig, keys: RunKeys
+                          ) -> list[tuple[tuple[int, ...], list[Task]]]:
+    """``family.compile = "once"``: the training variants of ``make_tasks`` as (positions,
+    padded tasks) groups, one per dataset (``tasks.padded_mlp``), in order of first appearance."""
+    from tasks.padded_mlp import dataset_key, pad_variants
+
+    family = config.make_family()
+    configs = family.sample_configs(keys.train_tasks, config.family.num_train_tasks)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(dataset_key(c), []).append(i)
+    return [
+        (tuple(ids), pad_variants([configs[i] for i in ids], data_dir=family.data_dir))
+        for ids in groups.values()
+    ]
+
+
 def build(config: MetaTrainConfig) -> MetaTrainSetup:
     """Loads data, samples task variants and builds the estimators (host side, no training)."""
     from outer_train.estimators import make_estimator
     from outer_train.problem import LearnedOptProblem
+    from outer_train.variant_stack import stack
 
     keys = run_keys(config.run.seed)
     train_tasks, heldout_tasks = make_tasks(config, keys)
     lopt = make_lopt(config.lopt)
     p = config.problem
-    estimators = tuple(
-        make_estimator(
+
+    def estimator(task):
+        return make_estimator(
             config.estimator.name,
             LearnedOptProblem.create(
                 task, lopt, meta_loss=p.meta_loss, loss_transform=p.loss_transform,
@@ -139,8 +161,20 @@ def build(config: MetaTrainConfig) -> MetaTrainSetup:
             ),
             **config.estimator.knobs(),
         )
-        for task in train_tasks
-    )
+
+    if config.task.kind != "family" or config.family.compile == "per_variant":
+        estimators = tuple(estimator(task) for task in train_tasks)
+    else:
+        if not getattr(lopt, "supports_mask", False):
+            raise UserError(
+                f"family.compile = \"once\" pads the task variants, and the learned optimizer "
+                f"{config.lopt.name!r} does not take a padding mask (supports_mask); "
+                "set family.compile = \"per_variant\""
+            )
+        estimators = tuple(
+            stack([estimator(task) for task in tasks], ids)
+            for ids, tasks in padded_variant_groups(config, keys)
+        )
     return MetaTrainSetup(
         config, keys, lopt, train_tasks, heldout_tasks, estimators,
         make_meta_optimizer(config.meta_opt),
@@ -155,8 +189,10 @@ def _init_estimator(estimator, key: jax.Array, theta: Theta):
 
 def init_state(setup: MetaTrainSetup) -> MetaTrainState:
     """Outer step 0: theta from its key, fresh meta-optimizer and estimator states."""
+    from outer_train.variant_stack import variant_keys
+
     theta = setup.lopt.init(setup.keys.theta)
-    est_keys = jax.random.split(setup.keys.estimator_init, len(setup.estimators))
+    est_keys = variant_keys(setup.keys.estimator_init, setup.estimators)
     estimator_states = tuple(
         _init_estimator(est, k, theta) for est, k in zip(setup.estimators, est_keys, strict=True)
     )

@@ -4,11 +4,14 @@ write the trained optimizer, metrics, plots and summary. Building the run from i
 
 One outer step (``outer_step``; jitted once, estimators passed as arguments)::
 
-    key_v         = split(fold_in(outer_key, n), V)[v]          # n = outer step: replayable
-    g_v, s_v', m_v = estimator_v.estimate(key_v, theta, s_v)    # one per training variant v
-    g             = (1/V) sum_v g_v                             # equal weights
-    if all(isfinite(g)):  theta, opt_state <- meta_opt(g);  s_v <- s_v'
-    else:                 theta, opt_state, s_v unchanged; num_skipped += 1   # logged, not zeroed
+    key_v          = split(fold_in(outer_key, n), V)[v]          # n = outer step: replayable
+    g_e, s_e', m_e = estimator_e.estimate(key_v of e, theta, s_e)  # one per estimator e
+    g              = sum_e V_e g_e / sum_e V_e                   # equal weights per variant
+    if all(isfinite(g)):  theta, opt_state <- meta_opt(g);  s_e <- s_e'
+    else:                 theta, opt_state, s_e unchanged; num_skipped += 1   # logged, not zeroed
+
+An estimator serves one training variant (V_e = 1), or V_e variants padded to one shape and run
+as one (``variant_stack.StackedEstimator``, ``family.compile = "once"``; g_e is their mean).
 
 Because every key is a function of (seed, outer step) (``build.RunKeys``) and the whole state --
 theta, meta-optimizer state, every estimator state (particle inner states, PES accumulators) and
@@ -49,7 +52,8 @@ from outer_train.in_flight import InFlight
 from outer_train.interrupt import Interrupted, StopRequest, stop_signals
 from outer_train.logging import MetricsLogger, NullLogger, truncate_after
 from outer_train.meta_loss import all_finite
-from outer_train.placement import mesh_scope, particle_mesh, place, to_host
+from outer_train.placement import mesh_scope, particle_mesh, place, shard_particles, to_host
+from outer_train.variant_stack import StackedEstimator, num_variants, variant_keys
 
 if TYPE_CHECKING:
     from outer_train.evaluation import EvalResults, HeldoutEvaluator
@@ -67,14 +71,24 @@ def outer_step(
 ) -> tuple[MetaTrainState, dict[str, jax.Array]]:
     """One outer step (see the module docstring); pure. Returns (state, metrics)."""
     step_key = jax.random.fold_in(outer_key, state.outer_step)
-    est_keys = jax.random.split(step_key, len(estimators))
+    est_keys = variant_keys(step_key, estimators)
     grads, new_est_states, est_metrics = [], [], []
     for est, key, est_state in zip(estimators, est_keys, state.estimator_states, strict=True):
         g, s, m = est.estimate(key, state.theta, est_state)
         grads.append(g)
         new_est_states.append(s)
         est_metrics.append(m)
-    meta_grad = jax.tree.map(lambda *gs: sum(gs) / len(gs), *grads)
+    weights = [num_variants(est) for est in estimators]
+
+    def variant_mean(values):
+        return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
+
+    if all(w == 1 for w in weights):
+        meta_grad = jax.tree.map(lambda *gs: sum(gs) / len(gs), *grads)
+        meta_loss = jnp.mean(jnp.stack([m["meta_loss"] for m in est_metrics]))
+    else:
+        meta_grad = jax.tree.map(lambda *gs: variant_mean(gs), *grads)
+        meta_loss = variant_mean([m["meta_loss"] for m in est_metrics])
     finite = all_finite(meta_grad)
     updates, new_opt_state = meta_opt.update(meta_grad, state.opt_state, state.theta)
     new_theta = optax.apply_updates(state.theta, updates)
@@ -92,7 +106,7 @@ def outer_step(
         skipped_in_a_row=(state.skipped_in_a_row + 1) * skipped,
     )
     metrics = {
-        "meta_loss": jnp.mean(jnp.stack([m["meta_loss"] for m in est_metrics])),
+        "meta_loss": meta_loss,
         "num_nonfinite": sum(m["num_nonfinite"] for m in est_metrics),
         "num_resets": sum(m["num_resets"] for m in est_metrics),
         "meta_grad_norm": optax.tree.norm(meta_grad),
@@ -291,12 +305,18 @@ def _config_changes(config: MetaTrainConfig, extra: dict[str, Any]) -> str:
 def _place(mesh: jax.sharding.Mesh | None, setup: MetaTrainSetup, state: MetaTrainState, *,
            log: Callable[[str], None]) -> tuple[MetaTrainState, tuple[Any, ...], jax.Array]:
     """(state, estimators, outer key) on the devices: the estimator states' particles split over
-    ``mesh``, everything else replicated (``placement.place``); unchanged without a mesh."""
-    estimator_states, (state, estimators, outer_key) = place(
-        mesh, particles=state.estimator_states,
+    ``mesh`` (behind the variant axis of a stack's state), everything else replicated
+    (``placement.place``); unchanged without a mesh."""
+    estimator_states = state.estimator_states
+    _, (state, estimators, outer_key) = place(
+        mesh, particles=(),
         replicated=(state._replace(estimator_states=()), setup.estimators, setup.keys.outer),
     )
     if mesh is not None:
+        estimator_states = tuple(
+            shard_particles(s, mesh, particle_axis=int(isinstance(e, StackedEstimator)))
+            for e, s in zip(setup.estimators, estimator_states, strict=True)
+        )
         processes = distributed.process_count()
         across = f" of {processes} processes" if processes > 1 else ""
         log(f"particles split over {mesh.size} devices{across}")

@@ -118,21 +118,24 @@ def mesh_scope(mesh: jax.sharding.Mesh | None):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def _splits(x, size: int) -> bool:
-    """Whether leaf x has a leading (particle) axis that ``size`` devices can share evenly."""
-    return x.ndim >= 1 and x.shape[0] % size == 0
+def _splits(x, size: int, axis: int = 0) -> bool:
+    """Whether leaf x has a (particle) axis ``axis`` that ``size`` devices can share evenly."""
+    return x.ndim > axis and x.shape[axis] % size == 0
 
 
-def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = AXIS):
-    """Place ``tree`` (e.g. an estimator state) with its leading particle axis split over
-    ``mesh``'s ``axis_name`` devices; leaves whose leading axis does not divide evenly (and
+def shard_particles(tree, mesh: jax.sharding.Mesh, axis_name: str = AXIS, *,
+                    particle_axis: int = 0):
+    """Place ``tree`` (e.g. an estimator state) with its particle axis (``particle_axis``: 0,
+    or 1 behind the variant axis of a ``variant_stack.StackedEstimator``'s state) split over
+    ``mesh``'s ``axis_name`` devices; leaves whose particle axis does not divide evenly (and
     scalars) are replicated. Jitted estimators then run partitioned (GSPMD)."""
     size = mesh.shape[axis_name]
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+    spec = jax.sharding.PartitionSpec(*([None] * particle_axis), axis_name)
+    split = jax.sharding.NamedSharding(mesh, spec)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def put(x):
-        return _put(x, split if _splits(x, size) else replicated)
+        return _put(x, split if _splits(x, size, particle_axis) else replicated)
 
     return jax.tree.map(put, tree)
 

@@ -3,6 +3,7 @@
 One inner step (REFERENCE.md notation, s_t = (params_t, opt_state_t)):
     loss_t, g_t = value_and_grad(task.loss)(params_t, train batch)
     updates, opt_state_{t+1} = opt_fn(theta).update(g_t, opt_state_t, params_t, loss=loss_t)
+                               (+ mask=task.param_mask for a padded task, ``tasks.padded_mlp``)
     params_{t+1} = params_t + updates
     meta-loss l_t = transform(loss_t)                                   (meta_loss="train")
                   = transform(task.loss(params_{t+1}, fresh valid batch))  (meta_loss="valid")
@@ -94,8 +95,10 @@ class LearnedOptProblem:
             train_key = key
         batch = self.task.sample_batch(train_key, "train")
         loss, grads = jax.value_and_grad(self.task.loss)(state.params, batch)
+        mask = getattr(self.task, "param_mask", None)
+        extra = {} if mask is None else {"mask": mask}
         updates, opt_state = self.lopt.opt_fn(theta).update(
-            grads, state.opt_state, state.params, loss=loss
+            grads, state.opt_state, state.params, loss=loss, **extra
         )
         params = optax.apply_updates(state.params, updates)
         if self.meta_loss == "valid":

@@ -1,8 +1,8 @@
 """A family of image-MLP task variants for meta-training, with held-out variants for meta-testing.
 
-Variants differ in shape (widths, depth, image size), so they cannot share one compiled program:
-sampling happens on the host and returns ordinary ``ImageMLPTask`` objects. Group same-shape
-tasks by their ``ImageMLPConfig`` (hashable) to vmap over them.
+Variants differ in shape (widths, depth, image size): sampling happens on the host and returns
+ordinary ``ImageMLPTask`` objects (or their ``ImageMLPConfig``s). To share one compiled program,
+pad the variants of one dataset to a common shape (``tasks.padded_mlp.pad_variants``).
 
 Held-out split (meta-test generalization to unseen *combinations*): the variant space is the
 product ``datasets x widths x depths x activations x batch_sizes`` (every hidden layer of a
@@ -97,9 +97,13 @@ class ImageMLPFamily:
         """One training task, uniform over ``train_variants()``."""
         return make_task(self.sample_config(key), data_dir=self.data_dir)
 
+    def sample_configs(self, key: jax.Array, n: int) -> list[ImageMLPConfig]:
+        """``n`` i.i.d. training variants (with replacement), one subkey each."""
+        return [self.sample_config(k) for k in jax.random.split(key, n)]
+
     def sample_tasks(self, key: jax.Array, n: int) -> list[ImageMLPTask]:
-        """``n`` i.i.d. training tasks (with replacement), one subkey each."""
-        return [self.sample(k) for k in jax.random.split(key, n)]
+        """The tasks of ``sample_configs(key, n)``."""
+        return [make_task(c, data_dir=self.data_dir) for c in self.sample_configs(key, n)]
 
     def heldout_tasks(self, key: jax.Array, n: int) -> list[ImageMLPTask]:
         """``n`` distinct held-out tasks (without replacement) for meta-testing."""

@@ -53,6 +53,15 @@ class FamilyConfig:
     [width, activation]) are never trained on and are used for evaluation. Every held-out
     pair must lie in ``widths`` x ``activations`` and leave variants to train on (checked by
     ``ImageMLPFamily`` when ``task.kind = "family"``).
+
+    ``compile``: how the training variants become programs in the outer step.
+    ``"per_variant"``: one estimator traced per variant; each variant costs its own size, and
+    the compile grows with the number of variants. ``"once"``: every variant padded to the
+    largest shape (``tasks.padded_mlp``: masks keep the padding out of the model, the loss and
+    the learned optimizer's statistics) and one estimator program run over them
+    (``outer_train.variant_stack``): one compile whatever the number of variants, but every
+    variant costs what the largest costs. Worth it for short runs, or for variants of about one
+    size (docs/benchmarks.md#compilation-and-the-first-outer-step).
     """
 
     widths: tuple[int, ...] = field((16, 32, 64), lo=1, min_len=1)
@@ -63,6 +72,7 @@ class FamilyConfig:
     batch_sizes: tuple[int, ...] = field((64, 128), lo=1, min_len=1)
     heldout_pairs: tuple[tuple[int, str], ...] = ((16, "gelu"), (32, "tanh"), (64, "swish"))
     num_train_tasks: int = field(4, lo=1, hi=64)
+    compile: Literal["per_variant", "once"] = "per_variant"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,29 +283,40 @@ class MetaTrainConfig:
         resumed with more outer steps or a different evaluation schedule and still reproduce
         the same theta; anything else differing makes a checkpoint incompatible.
         """
-        d = self.to_dict()
+        d = self._trajectory_dict()
         keep = {k: d[k] for k in _TRAJECTORY_SECTIONS}
         keep.update({k: d["run"][k] for k in _TRAJECTORY_RUN_KEYS})
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def _trajectory_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without ``family.compile`` where it cannot matter (a single task) or
+        is the behaviour from before the key existed ("per_variant"): checkpoints written then
+        keep their hash and still resume."""
+        d = self.to_dict()
+        if self.task.kind != "family" or self.family.compile == _COMPILE_BEFORE_THE_KEY:
+            d["family"] = {k: v for k, v in d["family"].items() if k != "compile"}
+        return d
+
     def trajectory_changes(self, saved: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
         """(dotted key, value in ``saved``, value here) for every key that ``trajectory_hash``
         covers and that differs between ``saved`` (a ``to_dict()``, e.g. the config in a
         checkpoint's header) and this config; a key missing from ``saved`` reads None."""
-        d = self.to_dict()
+        d = self._trajectory_dict()
         keys = [(s, k) for s in _TRAJECTORY_SECTIONS for k in d[s]]
         keys += [("run", k) for k in _TRAJECTORY_RUN_KEYS]
         changes = []
         for section, key in keys:
             table = saved.get(section)
-            old = table.get(key) if isinstance(table, Mapping) else None
+            missing = _COMPILE_BEFORE_THE_KEY if (section, key) == ("family", "compile") else None
+            old = table.get(key, missing) if isinstance(table, Mapping) else None
             if old != d[section][key]:
                 changes.append((f"{section}.{key}", old, d[section][key]))
         return changes
 
 
 _TRAJECTORY_SECTIONS = ("task", "family", "lopt", "problem", "estimator", "meta_opt")
+_COMPILE_BEFORE_THE_KEY = "per_variant"  # how family runs compiled before family.compile
 _TRAJECTORY_RUN_KEYS = ("seed", "max_skipped_in_a_row")
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetaTrainConfig))

@@ -264,3 +264,36 @@ def test_default_hyper_theta_is_the_configured_value():
 def test_invalid_hyperparameters_are_user_errors(make):
     with pytest.raises(UserError):
         make()
+
+
+@pytest.mark.parametrize("name", sorted(LOPTS))
+def test_mask_keeps_padding_out(name):
+    """``mask=``: zero-padded params and grads give the unpadded updates on the real entries
+    (per-tensor statistics over those only) and exactly 0 on the padding, step after step."""
+    lopt = LOPTS[name]
+    assert lopt.supports_mask
+    theta = _perturb(lopt.init(jax.random.key(0)), seed=1)
+    opt = lopt.opt_fn(theta)
+
+    def pad(tree):  # kernel (5, 3) -> (7, 4), bias (3,) -> (4,); the scalar as it is
+        return {"dense": {"kernel": jnp.pad(tree["dense"]["kernel"], ((0, 2), (0, 1))),
+                          "bias": jnp.pad(tree["dense"]["bias"], (0, 1))},
+                "scale": tree["scale"]}
+
+    ones = jax.tree.map(jnp.ones_like, _tree_like(0))
+    mask = pad(ones)
+    params, padded = _tree_like(0), pad(_tree_like(0))
+    state, padded_state = opt.init(params), opt.init(padded)
+    for step in range(NUM_STEPS):
+        grads = _tree_like(10 + step)
+        updates, state = opt.update(grads, state, params, loss=1.0)
+        padded_updates, padded_state = opt.update(pad(grads), padded_state, padded, loss=1.0,
+                                                  mask=mask)
+        real = jax.tree.map(lambda u, m: u * m, padded_updates, mask)
+        np.testing.assert_allclose(
+            np.concatenate([np.ravel(x) for x in jax.tree.leaves(pad(updates))]),
+            np.concatenate([np.ravel(x) for x in jax.tree.leaves(real)]), rtol=1e-5, atol=1e-7)
+        for u, m in zip(jax.tree.leaves(padded_updates), jax.tree.leaves(mask), strict=True):
+            assert not np.any(np.asarray(u)[np.asarray(m) == 0])
+        params = optax.apply_updates(params, updates)
+        padded = optax.apply_updates(padded, padded_updates)
