@@ -83,7 +83,7 @@ def outer_step(
     def variant_mean(values):
         return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
 
-    if all(w == 1 for w in weights):
+    if all(w == 1 for w in weights):  # the unweighted sums: per-variant runs stay bit for bit
         meta_grad = jax.tree.map(lambda *gs: sum(gs) / len(gs), *grads)
         meta_loss = jnp.mean(jnp.stack([m["meta_loss"] for m in est_metrics]))
     else:

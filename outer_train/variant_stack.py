@@ -120,7 +120,7 @@ def stack(estimators: list[Any], variant_ids: tuple[int, ...] | None = None) -> 
 
 def num_variants(estimator: Any) -> int:
     """The training variants ``estimator`` serves: V for a ``StackedEstimator``, else 1."""
-    return getattr(estimator, "num_variants", 1)
+    return estimator.num_variants if isinstance(estimator, StackedEstimator) else 1
 
 
 def variant_keys(key: PRNGKey, estimators: tuple[Any, ...]) -> list[jax.Array]:

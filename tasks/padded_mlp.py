@@ -107,13 +107,14 @@ def _pad_params(params: dict, hidden_sizes: tuple[int, ...], env: Envelope, inpu
 
 def _param_mask(hidden_sizes: tuple[int, ...], env: Envelope, input_dim: int,
                 num_classes: int) -> dict:
+    """1 on the variant's entries of the envelope's params, 0 on the padding (float32)."""
     ones = {
         _layer(i): {"kernel": np.ones((a, b), np.float32), "bias": np.ones((b,), np.float32)}
         for i, (a, b) in enumerate(
             zip((input_dim, *hidden_sizes), (*hidden_sizes, num_classes), strict=True)
         )
     }
-    return jax.tree.map(np.asarray, _pad_params(ones, hidden_sizes, env, input_dim, num_classes))
+    return _pad_params(ones, hidden_sizes, env, input_dim, num_classes)
 
 
 @flax.struct.dataclass
@@ -230,8 +231,7 @@ def pad_variants(
             depth=jnp.int32(len(c.hidden_sizes)),
             batch_size=jnp.int32(c.batch_size),
             shape_index=jnp.int32(env.hidden_shapes.index(c.hidden_sizes)),
-            param_mask=jax.tree.map(jnp.asarray, _param_mask(c.hidden_sizes, env, input_dim,
-                                                             num_classes)),
+            param_mask=_param_mask(c.hidden_sizes, env, input_dim, num_classes),
         )
         name = f"{data.name or c.dataset}_padded_mlp{env.width}x{env.depth}_b{env.batch_size}"
         tasks.append(PaddedMLPTask(data, variant, env, name))
